@@ -1,0 +1,114 @@
+"""One figure style for the whole book, and helpers that draw on a given ``ax``.
+
+The palette is Okabe & Ito's colour-blind safe set; sequential maps are ``viridis`` / ``magma``
+(perceptually uniform), diverging maps ``RdBu_r`` centred on zero.
+
+Example
+-------
+>>> import matplotlib
+>>> matplotlib.use("Agg")
+>>> import matplotlib.pyplot as plt
+>>> use_style()
+>>> fig, ax = plt.subplots()
+>>> _ = ax.plot([1, 2], [1, 10], color=PALETTE[0])
+>>> plt.close(fig)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Okabe-Ito colour-blind safe palette (black last, for reference lines).
+PALETTE: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # green
+    "#D55E00",  # vermillion
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+SEQUENTIAL = "viridis"
+DIVERGING = "RdBu_r"
+
+
+def use_style() -> None:
+    """Set the book's matplotlib style (sizes, fonts, palette, grid). Idempotent."""
+    import matplotlib as mpl
+    from cycler import cycler
+
+    mpl.rcParams.update(
+        {
+            "figure.figsize": (7.0, 3.6),
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "figure.constrained_layout.use": True,
+            "axes.prop_cycle": cycler(color=list(PALETTE)),
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "legend.frameon": False,
+            "image.cmap": SEQUENTIAL,
+            "font.size": 10,
+        }
+    )
+
+
+def title_for(model, text: str) -> str:
+    """A figure title that says when the model is not pretrained.
+
+    ``model`` is anything with a ``pretrained`` attribute and a ``name`` (see :class:`~sensitivity_lib.zoo.Normalized`).
+    """
+    name = getattr(model, "name", type(model).__name__)
+    if getattr(model, "pretrained", True):
+        return f"{text} ({name})"
+    return f"{text} ({name}, RANDOM weights: {getattr(model, 'weights_note', 'not pretrained')})"
+
+
+def to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A (C, H, W) or (H, W) image in [0, 1] as an array matplotlib can show."""
+    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))
+    return np.clip(a, 0.0, 1.0)
+
+
+def show_image(ax, image, title: str | None = None, *, cmap: str = "gray") -> None:
+    """Draw one image (C, H, W in [0,1]) on ``ax`` without ticks."""
+    a = to_hwc(image)
+    ax.imshow(a, cmap=cmap if a.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+
+
+def image_grid(axes: Sequence, images, titles: Sequence[str] | None = None, *, cmap: str = "gray"):
+    """Draw ``images`` (N, C, H, W in [0,1]) on the flat sequence ``axes``; extra axes are hidden."""
+    axes = list(np.ravel(axes))
+    if len(images) > len(axes):
+        raise ValueError(f"{len(images)} images but only {len(axes)} axes")
+    for i, ax in enumerate(axes):
+        if i < len(images):
+            show_image(ax, images[i], None if titles is None else titles[i], cmap=cmap)
+        else:
+            ax.axis("off")
+    return axes
+
+
+def overlay(ax, image, heat, *, alpha: float = 0.55, cmap: str = "magma", title: str | None = None):
+    """Draw ``heat`` (H, W) over a grey-scale rendering of ``image`` and return the colour mappable."""
+    a = to_hwc(image)
+    grey = a if a.ndim == 2 else a.mean(axis=-1)
+    show_image(ax, grey, title)
+    h = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
+    return ax.imshow(h, cmap=cmap, alpha=alpha, interpolation="nearest")

