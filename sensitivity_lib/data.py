@@ -135,9 +135,9 @@ def check_images(x: torch.Tensor, shape: Sequence[int | None] | None = None) -> 
                     f"expected images of shape (N, {', '.join(map(str, shape))}) but axis {axis} "
                     f"has size {got} (input shape {tuple(x.shape)})"
                 )
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.detach()).all():
         raise ValueError("images contain NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(
             f"images must be pixels in [0, 1], got range [{lo:.3g}, {hi:.3g}]; normalisation "
@@ -349,7 +349,7 @@ def imagenet_folder(root: str | os.PathLike | None = None, size: int = 224):
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
         v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size),
     ])  # fmt: skip
-    ds = ImageFolder(str(root), transform=tf)
+    ds = ImageFolder(str(root), transform=tf, allow_empty=True)  # a partial tree is fine
     if len(ds.classes) != 1000:
         raise ValueError(f"{root} has {len(ds.classes)} class folders; an ImageNet-1k tree has 1000")
     ds.class_names = imagenet_classes()

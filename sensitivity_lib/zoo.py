@@ -367,10 +367,7 @@ def recipe_data(recipe: Recipe):
 def build(recipe: Recipe, classes: Sequence[str], in_channels: int) -> Normalized:
     """An untrained (seeded) model for ``recipe``, wrapped with its architecture's normalisation."""
     if recipe.arch not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {recipe.arch!r}; registered: {sorted(ARCHITECTURES)} "
-            "(import the module that registers it, e.g. sensitivity_lib.sa_dnn)"
-        )
+        raise ValueError(f"unknown architecture {recipe.arch!r}; registered: {sorted(ARCHITECTURES)}")
     a = ARCHITECTURES[recipe.arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
@@ -389,6 +386,11 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
     ``torch.random.fork_rng`` so the caller's random state is the same whether the model was trained
     or loaded. A tqdm progress bar goes to stderr. Returns the model in eval mode and its report.
     """
+    if recipe.arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {recipe.arch!r}; registered: {sorted(ARCHITECTURES)} "
+            "(import the module that registers it, e.g. sensitivity_lib.sa_dnn)"
+        )
     train_set, test_set = recipe_data(recipe)
     model = build(recipe, train_set.classes, train_set.shape[0])
     path = cache_dir() / "models" / f"{recipe.arch}-{recipe.key()}.pt"
@@ -405,8 +407,9 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         g = torch.Generator().manual_seed(recipe.seed)
-        bar = tqdm(total=steps, desc=f"training {recipe.arch}", file=sys.stderr, disable=not progress,
-                   leave=False, mininterval=1.0)  # fmt: skip
+        # TQDM_DISABLE=1 (set by the test harness) silences the bar unless disable= is passed
+        bar = tqdm(total=steps, desc=f"training {recipe.arch}", file=sys.stderr, leave=False,
+                   mininterval=1.0, **({} if progress else {"disable": True}))  # fmt: skip
         for _epoch in range(recipe.epochs):
             net.train()
             total, n = 0.0, 0

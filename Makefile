@@ -1,0 +1,70 @@
+# Two commands do everything on a fresh machine: `make book` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := python3 -m uv
+export UV_PYTHON_DOWNLOADS := never
+# Timings and results are reproducible for a fixed thread count.
+export SENSITIVITY_THREADS ?= 2
+
+.PHONY: help setup book test lab bench lint unit notebooks nbval html browser lock clean
+
+help:
+	@echo "make book   set up, execute every chapter (PROFILE=book) and render _build/html"
+	@echo "make test   set up, then lint, unit tests, chapters (quick), nbval, HTML build, browser checks"
+	@echo "make lab    open the chapters in JupyterLab"
+	@echo "make bench  run the benchmarks (ratios against baselines measured in the same run)"
+
+## Set-up: a .venv made by uv from the pinned lock, the library in editable mode.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) venv $(VENV) --python 3.11 --allow-existing --quiet
+	VIRTUAL_ENV=$(VENV) $(UV) pip sync --quiet requirements.txt
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps -e .
+	$(PY) tools/check_env.py
+	@touch $@
+
+lock:
+	$(UV) pip compile requirements.in -o requirements.txt --python-version 3.11
+
+## The book: executes through jupyter-cache (a rebuild with nothing changed executes nothing).
+book: setup
+	$(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
+	@echo "open _build/html/index.html"
+
+lab: setup
+	$(VENV)/bin/jupyter lab chapters/
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+## The tests, in order; each step stops the run when it fails.
+test: setup lint unit notebooks nbval html browser
+
+lint: setup
+	$(PY) -m ruff check sensitivity_lib tests benchmarks tools
+
+unit: setup
+	$(PY) -m pytest tests -m "not notebooks"
+
+notebooks: setup
+	$(PY) -m pytest tests/test_notebooks.py -m notebooks
+
+nbval: setup
+	TQDM_DISABLE=1 $(PY) -m pytest --nbval -p no:cacheprovider --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	    --nbval-cell-timeout 900 -o testpaths= -o addopts= _build/quick/executed
+
+html: setup
+	$(PY) tools/build_quick_html.py
+
+browser: setup
+	bash tools/ensure_chromium.sh
+	$(PY) -m pytest tests/test_html.py -m notebooks
+
+clean:
+	rm -rf _build

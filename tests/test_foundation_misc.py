@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+import sensitivity_lib as sl
+from sensitivity_lib import data, perturb, zoo
+from sensitivity_lib.results import Estimate
+
+SIZES = {"quick": dict(n=1), "book": dict(n=2), "full": dict(n=3)}
+
+
+def test_setup_selects_the_profile_and_seeds():
+    cfg = sl.setup("book", SIZES, verbose=False)
+    a = torch.rand(2, generator=cfg.generator)
+    cfg2 = sl.setup("book", SIZES, verbose=False)
+    assert cfg.n == 2 and torch.equal(a, torch.rand(2, generator=cfg2.generator))
+
+
+@pytest.mark.parametrize(
+    "profile, sizes, match",
+    [
+        ("fast", SIZES, "PROFILE must be one of"),
+        ("quick", {"quick": {}, "book": {}}, "no entry"),
+        ("quick", {"quick": dict(n=1), "book": dict(m=1), "full": dict(n=1)}, "same names"),
+    ],
+)
+def test_setup_rejects_bad_profiles(profile, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        sl.setup(profile, sizes, verbose=False)
+
+
+def test_estimate():
+    e = Estimate(torch.tensor([1.0, 3.0]), "lower", method="power", iterations=4, residual=torch.tensor([1e-4, 1e-5]))
+    assert "max=3" in repr(e) and not e.is_certified_upper
+    with pytest.raises(TypeError, match="one per sample"):
+        float(e)
+    with pytest.raises(ValueError, match="kind must be"):
+        Estimate(1.0, "guess", method="x")
+
+
+def test_round_to_bits():
+    x = torch.rand(1, 1, 16, 16)
+    for b in (1, 4, 8):
+        r = perturb.round_to_bits(x, b)
+        assert (r - x).abs().max() <= 0.5 / (2**b - 1) + 1e-7
+        assert len(torch.unique(r)) <= 2**b
+    with pytest.raises(ValueError):
+        perturb.round_to_bits(x, 0)
+
+
+def test_smallest_flip_on_a_linear_classifier():
+    # f(x) = [w.x, 0]: the prediction flips where w.x changes sign; along -w/|w| that is at t = w.x/|w|
+    w = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.cat([w.flatten()[None], torch.zeros(1, 16)]))
+    m = net  # a plain module: the bisection below leaves [0, 1] (clip=False), which Normalized refuses
+    x = torch.full((1, 1, 4, 4), 0.5)
+    if float((w * x).sum()) < 0:
+        w = -w
+        with torch.no_grad():
+            net[1].weight[0] = w.flatten()
+    d = -w / w.norm()
+    r = perturb.smallest_flip(m, x, d, max_norm=100.0, tol=1e-6, clip=False)
+    exact = float((w * x).sum() / w.norm())
+    assert r.kind == "upper" and float(r.value) >= exact and float(r.value) <= exact * (1 + 1e-5)
+    # the gradient direction of the cross-entropy points the same way as -w here
+    g = perturb.gradient_direction(m, x)
+    assert torch.allclose(g, d, atol=1e-5)
+    none = perturb.smallest_flip(m, x, -d, max_norm=1.0, clip=False)
+    assert torch.isinf(none.value).all() and none.extra["flipped_to"].tolist() == [-1]
+
+
+def test_random_directions_are_unit_and_seeded():
+    a = perturb.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
+    b = perturb.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.allclose(a.flatten(1).norm(dim=1), torch.ones(3))
+
+
+def test_title_for_random_models_says_so():
+    from sensitivity_lib.plotting import image_grid, title_for, use_style
+
+    use_style()
+    m = zoo.torchvision_model("alexnet", weights=None)
+    assert "RANDOM" in title_for(m, "norms")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3)
+    image_grid(axes, data.mnist_test20().images[:2], ["a", "b"])
+    assert not axes[2].axison
+    plt.close(fig)

@@ -1,0 +1,59 @@
+"""The repository's own rules: notebooks are committed stripped, open with a parameters cell, and are
+all in the table of contents; the set-up's torch/torchvision pair works."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from book import ROOT, chapters, toc_files
+
+NOTEBOOKS = sorted(p.relative_to(ROOT) for p in (ROOT / "chapters").rglob("*.ipynb")
+                   if ".ipynb_checkpoints" not in p.parts)  # fmt: skip
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {str(c) for c in chapters()}
+    assert listed == {str(p) for p in NOTEBOOKS}
+
+
+def test_every_toc_entry_exists():
+    for f in toc_files():
+        assert any((ROOT / f"{f}{s}").is_file() for s in (".md", ".ipynb")), f"{f} is in _toc.yml but missing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_notebook_is_stripped(path):
+    nb = json.loads((ROOT / path).read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path} cell {i} has committed outputs"
+            assert cell.get("execution_count") is None, f"{path} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_notebook_opens_with_parameters_cell(path):
+    nb = json.loads((ROOT / path).read_text())
+    assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"][0].startswith("# ")
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    first = code[0]
+    assert "parameters" in first["metadata"].get("tags", []), f"{path}: first code cell is not tagged parameters"
+    src = "".join(first["source"])
+    assert 'PROFILE = "book"' in src and "SIZES" in src, f"{path}: parameters cell must set PROFILE and SIZES"
+    assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
+    assert "sl.setup(PROFILE, SIZES" in "".join(code[1]["source"]), f"{path}: second cell must call sl.setup"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_chapter_has_learning_goals_summary_and_exercises(path):
+    text = "\n".join("".join(c["source"]) for c in json.loads((ROOT / path).read_text())["cells"]
+                     if c["cell_type"] == "markdown")  # fmt: skip
+    assert "What you will learn" in text
+    assert "## Summary" in text and "## Exercises" in text
+
+
+def test_torchvision_compiled_ops_work():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check_env.py")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
