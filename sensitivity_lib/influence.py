@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import functional_call, jacrev, jvp
 
 __all__ = [
     "Influence",
@@ -368,7 +368,8 @@ _HOOKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 
 def _hookable(m: nn.Module, own: list[str]) -> bool:
-    if not isinstance(m, _HOOKABLE) or not set(own) <= {"weight", "bias"}:
+    # exact types only: a subclass may change forward(), and the hook formulas would be wrong
+    if type(m) not in _HOOKABLE or not set(own) <= {"weight", "bias"}:
         return False
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
@@ -535,10 +536,9 @@ def _functorch_grams(
     mods: list[tuple[str, nn.Module, list[str]]],
     chunk: int | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-module logit Grams with ``vmap(jacrev(functional_call))`` (any module type).
+    """Per-module logit Grams with ``jacrev(functional_call)``, one image at a time (any module).
 
-    Holds the parameter Jacobian of one batch (``B x C x n_params``) for a moment; use small
-    batches for big networks.
+    Holds one image's parameter Jacobian (``C x n_params``) for a moment.
     """
     owner = {f"{n}.{q}" if n else q: n for n, _, own in mods for q in own}
     params = {k: v.detach() for k, v in model.named_parameters() if k in owner}
@@ -549,13 +549,20 @@ def _functorch_grams(
         out = functional_call(model, {**pr, **frozen, **buffers}, (x1[None],))
         return out[0], out[0]
 
-    J, z = vmap(jacrev(logits, has_aux=True, chunk_size=chunk), in_dims=(None, 0))(params, x)
-    grams: dict[str, torch.Tensor] = {}
-    for k, j in J.items():
-        n = owner[k]
-        g = _gram_from_rows(j)
-        grams[n] = grams[n] + g if n in grams else g
-    return z.detach(), grams
+    zs = []
+    per_image: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in mods}
+    for i in range(x.shape[0]):
+        J, z = jacrev(logits, has_aux=True, chunk_size=chunk)(params, x[i])
+        zs.append(z.detach())
+        g: dict[str, torch.Tensor] = {}
+        for k, j in J.items():
+            n = owner[k]
+            gk = _gram_from_rows(j.detach()[None])[0]
+            g[n] = g[n] + gk if n in g else gk
+        for n in per_image:
+            per_image[n].append(g[n])
+        del J
+    return torch.stack(zs), {n: torch.stack(v) for n, v in per_image.items()}
 
 
 def logit_grams(
@@ -886,6 +893,8 @@ def fi_direction(
     x: torch.Tensor,
     v: torch.Tensor,
     y: torch.Tensor | Sequence[int] | int | None = None,
+    *,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """Directional influence ``FI(v) = (v^T df)^2 / (v^T G v)`` for input perturbations.
 
@@ -902,6 +911,8 @@ def fi_direction(
         per image.
     y
         Labels (default: predicted).
+    batch_size
+        Images per forward-mode pass (the K directions are stacked along the batch).
 
     Returns
     -------
@@ -914,21 +925,26 @@ def fi_direction(
         raise ValueError(f"v must have shape {tuple(x.shape)} or (K, *{tuple(x.shape)}), "
                          f"got {tuple(v.shape)}")
     vs = v if v.dim() == x.dim() + 1 else v[None]
-    out = []
+    K, N = vs.shape[0], x.shape[0]
     x = x.detach()
     with _eval_mode(model):
         with torch.no_grad():
             z = model(x)
         p = torch.softmax(z.to(torch.float64), -1)
-        yl = _labels(y, x.shape[0], p.shape[-1], z)
+        yl = _labels(y, N, p.shape[-1], z)
         c = F.one_hot(yl, p.shape[-1]).to(p) - p  # d log p_y / d z
-        for vk in vs:
-            _, u = jvp(model, (x,), (vk.detach().to(x.dtype),))
-            u = u.detach().to(torch.float64)
-            num = (c * u).sum(-1) ** 2
-            den = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
-            out.append(torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)))
-    r = torch.stack(out)
+        flat = vs.detach().to(x.dtype).reshape(K * N, *x.shape[1:])
+        reps = max(1, batch_size // N)  # directions per jvp call
+        us = []
+        for s in range(0, K, reps):
+            e = min(K, s + reps)
+            xr = x.repeat(e - s, *([1] * (x.dim() - 1)))
+            _, u = jvp(model, (xr,), (flat[s * N : e * N],))
+            us.append(u.detach().to(torch.float64))
+    u = torch.cat(us).reshape(K, N, -1)
+    num = (c * u).sum(-1) ** 2
+    den = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
+    r = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
     return r if v.dim() == x.dim() + 1 else r[0]
 
 
