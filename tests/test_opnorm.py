@@ -1,0 +1,313 @@
+"""Tests of sensitivity_lib.opnorm: every method against the dense SVD (float64) on small layers.
+
+Sizes where the FFT bound is within 5% for zero padding: per axis ``min(H, s * H_out) >= 5 * e``,
+``e = d (k - 1) + 1`` the dilated kernel extent (random sweeps of 546 configurations, k <= 5,
+s <= 4, d <= 2, all paddings 0..d(k-1): worst 3.3%). Below that the bound is genuinely looser
+(up to 2.7x on a 4x4 input with a dilated 5x5 kernel): the zero-padded operator is the circular
+one with its input restricted to H of the M grid points and its output to H_out of M / s, and the
+top singular vector of the zero-padded operator must vanish at the border, which costs a relative
+``O((e / H)^2)``. ``test_fft_bound_is_tight_when_the_input_is_large`` checks the stated regime.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sensitivity_lib.opnorm import conv_operator, operator_norm
+from sensitivity_lib.results import Estimate
+
+torch.set_num_threads(1)
+
+
+def _dense(conv, shape) -> float:
+    return operator_norm(conv, shape, "dense").value
+
+
+@st.composite
+def conv_configs(draw, max_hw=12):
+    k = draw(st.integers(1, 5))
+    kw = draw(st.sampled_from([k, draw(st.integers(1, 5))]))
+    s = draw(st.integers(1, 4))
+    sw = draw(st.sampled_from([s, draw(st.integers(1, 4))]))
+    d = draw(st.integers(1, 2))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = groups * draw(st.integers(1, 2))
+    cout = groups * draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "zeros", "circular"]))
+    if s == 1 and sw == 1 and mode == "zeros":
+        padding = draw(st.sampled_from(["same", "valid", "int"]))
+    else:
+        padding = draw(st.sampled_from(["valid", "int"]))
+    if padding == "int":
+        padding = (draw(st.integers(0, d * (k - 1))), draw(st.integers(0, d * (kw - 1))))
+    H = draw(st.integers(1, max_hw))
+    W = draw(st.integers(1, max_hw))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(
+        cin=cin, cout=cout, k=(k, kw), s=(s, sw), d=d, groups=groups, mode=mode,
+        padding=padding, H=H, W=W, seed=seed,
+    )  # fmt: skip
+
+
+def _build(cfg):
+    torch.manual_seed(cfg["seed"])
+    conv = nn.Conv2d(
+        cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["s"], padding=cfg["padding"],
+        dilation=cfg["d"], groups=cfg["groups"], padding_mode=cfg["mode"],
+    ).double()  # fmt: skip
+    shape = (cfg["cin"], cfg["H"], cfg["W"])
+    try:
+        conv_operator(conv, shape)
+    except ValueError:
+        assume(False)  # output would be empty
+    return conv, shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=conv_configs())
+def test_every_method_is_on_its_side_of_the_dense_value(cfg):
+    conv, shape = _build(cfg)
+    exact = _dense(conv, shape)
+    fft = operator_norm(conv, shape, "fft")
+    assert fft.value >= exact * (1 - 1e-9)
+    if fft.kind == "exact":
+        assert math.isclose(fft.value, exact, rel_tol=1e-6)
+    lz = operator_norm(conv, shape, "lanczos", tol=1e-10, max_iter=400)
+    assert lz.kind == "lower"
+    assert lz.value <= exact * (1 + 1e-9)
+    assert lz.value >= exact * (1 - 1e-3)
+    rs = operator_norm(conv, shape, "reshaped")
+    if rs.kind == "lower":
+        assert rs.value <= exact * (1 + 1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cfg=conv_configs(max_hw=8))
+def test_power_iteration_is_never_above(cfg):
+    conv, shape = _build(cfg)
+    exact = _dense(conv, shape)
+    pw = operator_norm(conv, shape, "power", tol=1e-12, max_iter=3000)
+    assert pw.kind == "lower"
+    assert pw.value <= exact * (1 + 1e-9)
+    assert pw.value >= exact * (1 - 1e-3)
+
+
+@st.composite
+def large_input_configs(draw):
+    """Zero padding with min(H, s * H_out) >= 5 e per axis (e = dilated kernel extent)."""
+    k = draw(st.integers(1, 4))
+    s = draw(st.integers(1, 3))
+    d = draw(st.integers(1, 2))
+    ext = d * (k - 1) + 1
+    p = draw(st.integers(0, d * (k - 1)))
+    base = max(5 * ext, 6 * ext - 2 * p - 1 + s)
+    H = base + draw(st.integers(0, 2))
+    W = base + draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(
+        cin=draw(st.integers(1, 2)), cout=draw(st.integers(1, 2)), k=(k, k), s=(s, s), d=d,
+        groups=1, mode="zeros", padding=p, H=H, W=W, seed=seed,
+    )  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=large_input_configs())
+def test_fft_bound_is_tight_when_the_input_is_large(cfg):
+    conv, shape = _build(cfg)
+    ext = cfg["d"] * (cfg["k"][0] - 1) + 1
+    _, Ho, Wo = conv_operator(conv, shape).output_shape
+    s = cfg["s"][0]
+    assert min(cfg["H"], cfg["W"], s * Ho, s * Wo) >= 5 * ext  # the stated regime
+    exact = _dense(conv, shape)
+    fft = operator_norm(conv, shape, "fft")
+    assert exact * (1 - 1e-9) <= fft.value <= 1.05 * exact
+
+
+def test_fft_on_an_alexnet_conv1_like_layer():
+    # 11x11 kernel, stride 4, padding 2 on 59x59 (s * H_out = 56 >= 5 * 11): the polyphase rewrite
+    # is what makes the bound tight
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, 11, stride=4, padding=2).double()
+    shape = (3, 59, 59)
+    exact = operator_norm(conv, shape, "dense", max_dense=2**23).value
+    fft = operator_norm(conv, shape, "fft")
+    assert exact <= fft.value <= 1.05 * exact
+    # the stride-1 operator that the layer subsamples has a far larger norm: bounding by it is loose
+    stride1 = nn.Conv2d(3, 2, 11, stride=1, padding=2).double()
+    stride1.weight.data.copy_(conv.weight.data)
+    assert operator_norm(stride1, shape, "fft").value > 1.5 * fft.value
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_fft_is_exact_for_circular_padding_when_the_stride_divides(stride):
+    torch.manual_seed(stride)
+    conv = nn.Conv2d(3, 5, 3, stride=stride, padding=1, padding_mode="circular").double()
+    shape = (3, 8, 8)
+    fft = operator_norm(conv, shape, "fft")
+    assert fft.kind == "exact"
+    assert math.isclose(fft.value, _dense(conv, shape), rel_tol=1e-10)
+
+
+def test_circular_padding_that_wraps_twice_is_still_bounded():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=3, padding_mode="circular").double()  # outputs repeat
+    shape = (2, 4, 4)
+    fft = operator_norm(conv, shape, "fft")
+    assert fft.kind == "upper" and fft.extra["row_multiplicity"] > 1
+    assert fft.value >= _dense(conv, shape) * (1 - 1e-12)
+
+
+def test_groups_are_a_maximum_over_blocks():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False).double()
+    shape = (4, 7, 7)
+    per_group = []
+    for g in range(2):
+        c = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+        c.weight.data.copy_(conv.weight.data[3 * g : 3 * g + 3])
+        per_group.append(_dense(c, (2, 7, 7)))
+    assert math.isclose(_dense(conv, shape), max(per_group), rel_tol=1e-12)
+    fft = operator_norm(conv, shape, "fft")
+    fft_blocks = []
+    for g in range(2):
+        c = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+        c.weight.data.copy_(conv.weight.data[3 * g : 3 * g + 3])
+        fft_blocks.append(operator_norm(c, (2, 7, 7), "fft").value)
+    assert math.isclose(fft.value, max(fft_blocks), rel_tol=1e-12)
+
+
+def test_operator_matches_the_layer_and_its_adjoint():
+    g = torch.Generator().manual_seed(0)
+    for kwargs in (
+        dict(padding=1),
+        dict(padding="same", dilation=2),
+        dict(padding="same", kernel_size=5, dilation=2),
+        dict(padding=2, stride=3, padding_mode="circular"),
+        dict(padding=1, padding_mode="reflect"),
+        dict(padding=1, stride=2, groups=2),
+    ):
+        args = dict(kernel_size=3) | kwargs
+        conv = nn.Conv2d(4, 6, **args).double()
+        op = conv_operator(conv, (4, 9, 10))
+        x = torch.randn(3, 4, 9, 10, generator=g, dtype=torch.float64)
+        y = torch.randn(3, *op.output_shape, generator=g, dtype=torch.float64)
+        ref = conv(x) - conv.bias[:, None, None]
+        assert torch.allclose(op.forward(x), ref, atol=1e-12), kwargs
+        lhs, rhs = (op.forward(x) * y).sum(), (x * op.adjoint(y)).sum()
+        assert math.isclose(float(lhs), float(rhs), rel_tol=1e-11), kwargs
+
+
+def test_linear_layers():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20).double()
+    exact = float(torch.linalg.svdvals(lin.weight.detach())[0])
+    for method in ("auto", "dense", "reshaped"):
+        r = operator_norm(lin, (30,), method)
+        assert r.kind == "exact" and math.isclose(r.value, exact, rel_tol=1e-12)
+    for method in ("lanczos", "power"):
+        r = operator_norm(lin, (5, 30), method, tol=1e-12, max_iter=2000)
+        assert r.kind == "lower" and exact * (1 - 1e-6) <= r.value <= exact * (1 + 1e-12)
+    with pytest.raises(ValueError, match="fft"):
+        operator_norm(lin, (30,), "fft")
+    with pytest.raises(ValueError, match="in_features"):
+        operator_norm(lin, (31,))
+
+
+def test_reshaped_kernel_is_not_a_bound_on_a_tiny_input():
+    # 3x3 kernel, padding 1, 1x1 input: only the centre tap ever meets data
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1, bias=False).double()
+    rs = operator_norm(conv, (3, 1, 1), "reshaped")
+    centre = float(torch.linalg.svdvals(conv.weight.detach()[:, :, 1, 1])[0])
+    assert rs.kind == "estimate"
+    assert math.isclose(_dense(conv, (3, 1, 1)), centre, rel_tol=1e-12)
+    assert rs.value > 1.2 * centre
+
+
+def test_frobenius_norm_of_the_kernel_is_not_an_upper_bound():
+    # an all-ones 3x3 single-channel kernel: ||K||_F = 3 but a constant image is amplified ~9x
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
+    conv.weight.data.fill_(1.0)
+    exact = _dense(conv, (1, 16, 16))
+    assert exact > 2.5 * float(conv.weight.detach().norm())
+    assert exact <= 9.0
+
+
+def test_auto_is_dense_for_tiny_layers_and_lanczos_otherwise():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    assert operator_norm(conv, (2, 6, 6)).method == "dense"
+    big = operator_norm(conv, (2, 40, 40))
+    assert big.method == "lanczos" and big.kind == "lower"
+
+
+def test_float32_layer_iterates_in_float32_and_is_checked_in_float64():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    shape = (3, 10, 10)
+    exact = _dense(conv, shape)
+    r = operator_norm(conv, shape, "lanczos", tol=1e-8)
+    assert r.extra["dtype"] == "float32"
+    assert exact * (1 - 1e-4) <= r.value <= exact * (1 + 1e-12)
+    assert isinstance(r, Estimate) and r.residual is not None and r.iterations > 0
+
+
+def test_upper_bound_and_warm_start_save_iterations():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1).double()
+    shape = (4, 20, 20)
+    up = operator_norm(conv, shape, "fft").value
+    cold = operator_norm(conv, shape, "lanczos", tol=1e-10)
+    capped = operator_norm(conv, shape, "lanczos", tol=0.05, upper=up)
+    assert capped.iterations < cold.iterations
+    assert (up - capped.value) <= 0.05 * capped.value * up / capped.value + 1e-12
+    warm = operator_norm(conv, shape, "lanczos", tol=1e-10, init=cold.extra["vector"])
+    assert warm.iterations < cold.iterations
+    assert math.isclose(warm.value, cold.value, rel_tol=1e-8)
+
+
+def test_reproducible_and_generator_controls_the_start():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    shape = (3, 16, 16)
+    a = operator_norm(conv, shape, "power", tol=1e-3)
+    b = operator_norm(conv, shape, "power", tol=1e-3)
+    assert a.value == b.value and a.iterations == b.iterations
+    c = operator_norm(conv, shape, "power", tol=1e-3, generator=torch.Generator().manual_seed(5))
+    assert c.value != a.value
+
+
+def test_errors():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with pytest.raises(NotImplementedError, match="nn.Linear and nn.Conv2d"):
+        operator_norm(nn.Conv1d(3, 4, 3), (3, 10))
+    with pytest.raises(NotImplementedError, match="Conv2d"):
+        operator_norm(nn.ReLU(), (3, 4, 4))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        operator_norm(conv, (2, 8, 8))
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        operator_norm(conv, (1, 3, 8, 8))
+    with pytest.raises(ValueError, match="too small"):
+        operator_norm(nn.Conv2d(3, 4, 5), (3, 3, 3))
+    with pytest.raises(ValueError, match="method"):
+        operator_norm(conv, (3, 8, 8), "svd")
+    with pytest.raises(ValueError, match="max_dense"):
+        operator_norm(conv, (3, 64, 64), "dense")
+    with pytest.raises(NotImplementedError, match="padding_mode"):
+        operator_norm(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 8, 8), "fft")
+    bad = nn.Conv2d(3, 4, 3)
+    bad.weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        operator_norm(bad, (3, 8, 8))
+    with pytest.raises(ValueError, match="tol"):
+        operator_norm(conv, (3, 8, 8), tol=-1)
+    with pytest.raises(ValueError, match="positive"):
+        operator_norm(conv, (3, 0, 8))
+    with pytest.raises(ValueError, match="init"):
+        operator_norm(conv, (3, 8, 8), "lanczos", init=torch.zeros(3, 8, 8))
