@@ -273,36 +273,35 @@ def imagenet_samples(size: int = 224, *, extra: bool = True) -> ImageSet:
 # Full-scale data: only from a root the user supplies. Nothing is downloaded.
 
 
-def _missing(what: str, root: str | os.PathLike, how: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{what} was not found under {str(root)!r}. This book never downloads data at run time. {how}"
-    )
+def _torchvision_dataset(cls_name: str, root, env: str, train: bool, what: str, how: str):
+    """Open ``torchvision.datasets.<cls_name>`` from a user-supplied root, never downloading; a missing
+    root or missing files raise a ``FileNotFoundError`` that says what to put where (``how``)."""
+    import torchvision.datasets
 
-
-def _root(root: str | os.PathLike | None, env: str) -> Path:
     root = root or os.environ.get(env)
     if not root:
         raise FileNotFoundError(
-            f"no data root given: pass root=... or set ${env} to the folder that holds the data "
-            "(see the README, 'Full scale')"
+            f"no data root given for {what}: pass root=... or set ${env} to the folder that holds the "
+            "data (see the README, 'Full scale')"
         )
-    return Path(root).expanduser()
+    root = Path(root).expanduser()
+    try:
+        return getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False), root
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"{what} was not found under {str(root)!r}. This book never downloads data at run time. "
+            + how.format(root=root)
+        ) from err
 
 
 def mnist(root: str | os.PathLike | None = None, train: bool = True) -> ImageSet:
     """Full MNIST (60,000 train / 10,000 test) through ``torchvision.datasets.MNIST`` from ``root``
     (or ``$MNIST_ROOT``), which must hold ``MNIST/raw/*-idx?-ubyte`` files. Never downloads."""
-    from torchvision.datasets import MNIST
-
-    root = _root(root, "MNIST_ROOT")
-    try:
-        ds = MNIST(str(root), train=train, download=False)
-    except RuntimeError as err:
-        raise _missing(
-            "MNIST", root,
-            "Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-            f"t10k-labels-idx1-ubyte (or their .gz) in {root / 'MNIST' / 'raw'}.",
-        ) from err  # fmt: skip
+    ds, root = _torchvision_dataset(
+        "MNIST", root, "MNIST_ROOT", train, "MNIST",
+        "Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        "t10k-labels-idx1-ubyte (or their .gz) in {root}/MNIST/raw.",
+    )  # fmt: skip
     images = ds.data.float().div(255.0).unsqueeze(1)
     return ImageSet(images, ds.targets.long(), MNIST_CLASSES, f"MNIST {'train' if train else 'test'}",
                     source=str(root))  # fmt: skip
@@ -311,17 +310,11 @@ def mnist(root: str | os.PathLike | None = None, train: bool = True) -> ImageSet
 def cifar10(root: str | os.PathLike | None = None, train: bool = True) -> ImageSet:
     """Full CIFAR-10 through ``torchvision.datasets.CIFAR10`` from ``root`` (or ``$CIFAR10_ROOT``),
     which must hold the extracted ``cifar-10-batches-py`` folder. Never downloads."""
-    from torchvision.datasets import CIFAR10
-
-    root = _root(root, "CIFAR10_ROOT")
-    try:
-        ds = CIFAR10(str(root), train=train, download=False)
-    except RuntimeError as err:
-        raise _missing(
-            "CIFAR-10", root,
-            f"Extract cifar-10-python.tar.gz so that {root / 'cifar-10-batches-py'} holds data_batch_1..5 "
-            "and test_batch.",
-        ) from err  # fmt: skip
+    ds, root = _torchvision_dataset(
+        "CIFAR10", root, "CIFAR10_ROOT", train, "CIFAR-10",
+        "Extract cifar-10-python.tar.gz so that {root}/cifar-10-batches-py holds data_batch_1..5 "
+        "and test_batch.",
+    )  # fmt: skip
     return ImageSet(_to_tensor(ds.data), torch.tensor(ds.targets), CIFAR10_CLASSES,
                     f"CIFAR-10 {'train' if train else 'test'}", source=str(root))  # fmt: skip
 
@@ -335,13 +328,16 @@ def imagenet_folder(root: str | os.PathLike | None = None, size: int = 224):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    root = _root(root, "IMAGENET_VAL")
+    root = root or os.environ.get("IMAGENET_VAL")
+    if not root:
+        raise FileNotFoundError("no data root given for ImageNet: pass root=... or set $IMAGENET_VAL")
+    root = Path(root).expanduser()
     if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
-        raise _missing(
-            "An ImageNet validation tree", root,
-            "Arrange the 50,000 validation JPEGs as root/<wnid>/<file>.JPEG (1,000 wnid folders, "
-            "e.g. with the usual valprep.sh script).",
-        )  # fmt: skip
+        raise FileNotFoundError(
+            f"An ImageNet validation tree was not found under {str(root)!r}. This book never downloads "
+            "data at run time. Arrange the 50,000 validation JPEGs as root/<wnid>/<file>.JPEG (1,000 wnid "
+            "folders, e.g. with the usual valprep.sh script)."
+        )
     tf = v2.Compose([
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
         v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size),

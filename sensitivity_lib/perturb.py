@@ -83,7 +83,8 @@ def smallest_flip(
     value = torch.where(found, hi, torch.full_like(hi, float("inf")))
     return Estimate(
         value, "upper", method="bisection along direction", norm="2", iterations=iterations,
-        residual=torch.where(found, (hi - lo) / hi, torch.zeros_like(hi)), extra={"flipped_to": torch.where(found, new, torch.full_like(new, -1))},
+        residual=torch.where(found, (hi - lo) / hi, torch.zeros_like(hi)),
+        extra={"flipped_to": torch.where(found, new, torch.full_like(new, -1))},
     )  # fmt: skip
 
 

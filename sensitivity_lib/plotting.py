@@ -65,7 +65,8 @@ def use_style() -> None:
 def title_for(model, text: str) -> str:
     """A figure title that says when the model is not pretrained.
 
-    ``model`` is anything with a ``pretrained`` attribute and a ``name`` (see :class:`~sensitivity_lib.zoo.Normalized`).
+    ``model`` is anything with a ``pretrained`` attribute and a ``name``
+    (see :class:`~sensitivity_lib.zoo.Normalized`).
     """
     name = getattr(model, "name", type(model).__name__)
     if getattr(model, "pretrained", True):

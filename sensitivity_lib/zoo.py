@@ -168,7 +168,7 @@ def register_architecture(
     input_shape: tuple[int, int, int],
     fixed_size: bool = True,
 ) -> None:
-    """Make ``build(num_classes=..., in_channels=..., **kwargs)`` trainable by :func:`train` under ``name``."""
+    """Make ``build(num_classes=..., in_channels=..., **kwargs)`` trainable by :func:`train` as ``name``."""
     ARCHITECTURES[name] = Architecture(build, tuple(mean), tuple(std), tuple(input_shape), fixed_size)
 
 
@@ -241,7 +241,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def torchvision_checkpoint(name: str) -> Path:
-    """Where torchvision's ImageNet checkpoint for ``name`` must be: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    """Where torchvision's ImageNet checkpoint for ``name`` must be (``$TORCH_HOME/hub/checkpoints/``)."""
     import torchvision.models as tvm
 
     weights = getattr(tvm, TORCHVISION_MODELS[name][1]).IMAGENET1K_V1
@@ -436,6 +436,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
-        torch.save({"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}, tmp)
+        ckpt = {"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}
+        torch.save(ckpt, tmp)
         os.replace(tmp, path)
     return model, report

@@ -29,7 +29,8 @@ def test_setup_rejects_bad_profiles(profile, sizes, match):
 
 
 def test_estimate():
-    e = Estimate(torch.tensor([1.0, 3.0]), "lower", method="power", iterations=4, residual=torch.tensor([1e-4, 1e-5]))
+    e = Estimate(torch.tensor([1.0, 3.0]), "lower", method="power", iterations=4,
+                 residual=torch.tensor([1e-4, 1e-5]))  # fmt: skip
     assert "max=3" in repr(e) and not e.is_certified_upper
     with pytest.raises(TypeError, match="one per sample"):
         float(e)

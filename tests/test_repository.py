@@ -4,7 +4,6 @@ all in the table of contents; the set-up's torch/torchvision pair works."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from book import ROOT, chapters, toc_files
@@ -38,7 +37,8 @@ def test_notebook_opens_with_parameters_cell(path):
     assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"][0].startswith("# ")
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     first = code[0]
-    assert "parameters" in first["metadata"].get("tags", []), f"{path}: first code cell is not tagged parameters"
+    tags = first["metadata"].get("tags", [])
+    assert "parameters" in tags, f"{path}: first code cell is not tagged parameters"
     src = "".join(first["source"])
     assert 'PROFILE = "book"' in src and "SIZES" in src, f"{path}: parameters cell must set PROFILE and SIZES"
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
@@ -55,5 +55,6 @@ def test_chapter_has_learning_goals_summary_and_exercises(path):
 
 
 def test_torchvision_compiled_ops_work():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "check_env.py")], capture_output=True, text=True)
+    cmd = [sys.executable, str(ROOT / "tools" / "check_env.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

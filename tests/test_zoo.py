@@ -96,10 +96,12 @@ def test_random_init_is_explicit_seeded_and_labelled():
 
 def test_training_is_deterministic_cached_and_keeps_the_callers_rng(tmp_path, monkeypatch):
     monkeypatch.setenv("SENSITIVITY_CACHE", str(tmp_path))
-    recipe = zoo.Recipe("lenet5", dataset="digits8x8", epochs=1, n_train=200, n_test=100, batch_size=50)
-    zoo.register_architecture("tiny", lambda num_classes, in_channels: nn.Sequential(
-        nn.Flatten(), nn.Linear(in_channels * 64, num_classes)), mean=(0.5,), std=(0.5,), input_shape=(1, 8, 8))
-    recipe = zoo.Recipe("tiny", dataset="digits8x8", epochs=2, n_train=500, n_test=200, batch_size=50, lr=1e-2)
+    def tiny(num_classes, in_channels):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
+
+    zoo.register_architecture("tiny", tiny, mean=(0.5,), std=(0.5,), input_shape=(1, 8, 8))
+    recipe = zoo.Recipe("tiny", dataset="digits8x8", epochs=2, n_train=500, n_test=200, batch_size=50,
+                        lr=1e-2)  # fmt: skip
     torch.manual_seed(123)
     m1, r1 = zoo.train(recipe, progress=False)
     after_training = torch.rand(1)
