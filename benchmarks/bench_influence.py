@@ -3,9 +3,9 @@
 Model: the SA_DNN-style ResNet-50 trained in the book (MNIST 28x28, ``book`` recipe of
 Part II ch. 4; trained and cached on first use, or random weights with ``--random``).
 
-For each perturbation (``wrt``) the naive baseline is what a direct port of the authors' code does:
-per image and per class, one forward pass and one backward pass of ``p_k`` (``torch.autograd``),
-then the authors' SVD chain (:func:`sensitivity_lib.influence.svd_chain_reference`) on the
+For each perturbation (``wrt``) the naive baseline is what a direct port of the authors' code does
+(:func:`sensitivity_lib.influence.reference_loop`): per image and per class, one forward pass and
+one backward pass of ``p_k`` (``torch.autograd``), then the authors' SVD chain on the
 ``dim(omega) x C`` matrix, once for the image (``input``), once per channel-pixel (``pixels``,
 s = 0), or once per trainable module (``layers``). Ours is :func:`sensitivity_lib.influence.fi`:
 batched images, C backward passes per batch, C x C Grams and batched ``eigh``.
@@ -29,52 +29,13 @@ import numpy as np
 import torch
 
 from sensitivity_lib import influence
-from sensitivity_lib.sa_dnn import sa_resnet50, trainable_modules
+from sensitivity_lib.sa_dnn import recalibrate_bn, sa_resnet50
 
 C = 10
 
 
-def naive_jacobian_p(model, x1, params=None):
-    """Per class: forward + backward of p_k (softmax output), as SA_DNN's K.gradients loop."""
-    rows, prob = [], None
-    for k in range(C):
-        xg = x1.detach().requires_grad_(params is None)
-        p = torch.softmax(model(xg), -1)[0]
-        prob = p.detach()
-        if params is None:
-            (g,) = torch.autograd.grad(p[k], xg)
-            rows.append(g.reshape(-1))
-        else:
-            gs = torch.autograd.grad(p[k], params)
-            rows.append([g.reshape(-1) for g in gs])
-    return rows, prob.double().numpy()
-
-
-def naive(model, x, wrt, eps=influence.SA_DNN_EPS):
-    out = []
-    for i in range(x.shape[0]):
-        x1 = x[i : i + 1]
-        if wrt in ("input", "pixels"):
-            rows, prob = naive_jacobian_p(model, x1)
-            grad = torch.stack(rows, 1).double().numpy() / 255.0  # omega on the 0-255 scale
-            y = int(prob.argmax())
-            if wrt == "input":
-                out.append(influence.svd_chain_reference(grad, prob, y, eps))
-            else:
-                out.append([influence.svd_chain_reference(g[None], prob, y, eps) for g in grad])
-        else:
-            mods = [m for _, m in trainable_modules(model)]
-            params = [p for m in mods for p in m.parameters(recurse=False)]
-            rows, prob = naive_jacobian_p(model, x1, params)
-            y = int(prob.argmax())
-            vals, j = [], 0
-            for m in mods:
-                n = len(list(m.parameters(recurse=False)))
-                grad = torch.stack([torch.cat(r[j : j + n]) for r in rows], 1).double().numpy()
-                vals.append(influence.svd_chain_reference(grad, prob, y, eps))
-                j += n
-            out.append(vals)
-    return np.asarray(out)
+def naive(model, x, wrt):
+    return influence.reference_loop(model, x, wrt)
 
 
 def ours(model, x, wrt):

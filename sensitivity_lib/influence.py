@@ -18,15 +18,17 @@ the logits with respect to ``omega``. For ``f = log p(y | x, omega)``,
 Everything is computed from the C x C Gram matrix ``M = J_z J_z^T`` of the logit-Jacobian rows
 (``C`` = number of classes): ``K = A M A^T`` with ``A = diag(sqrt p) - sqrt(p) p^T`` has the same
 non-zero spectrum as ``G`` and ``FI = ||Pi_K w||^2 / p_y`` with ``w = e_y - sqrt(p_y) sqrt(p)``.
-No p x p matrix and no p x C SVD is ever formed. Consequence (proved in the book): whenever
-``rank J_z = C``, e.g. for any perturbation of dimension ``>= C`` in general position,
-``FI = (1 - p_y) / p_y`` exactly. FI says more than the confidence only for low-dimensional or
-rank-deficient perturbations (single pixels, small patches, some layers).
+No p x p matrix and no p x C SVD is ever formed. Consequence (proved in the book): FI is at most
+``(1 - p_y) / p_y`` and equals it exactly when ``col(J_z) + span(1) = R^C``, which holds for any
+perturbation of dimension ``>= C - 1`` in general position (whole images, layers, all parameters).
+FI says more than the confidence only for low-dimensional or rank-deficient perturbations (single
+pixels, small patches, some layers).
 
 Modes: ``"exact"`` (the pseudo-inverse, relative rank tolerance ``rtol`` on the eigenvalues of
 ``K``; invariant to any reparameterisation of ``omega``) and ``"sa_dnn"`` (the authors' recipe:
 ``L0 = J_p^T diag(sqrt p + eps)^-1``, singular values of ``L0`` kept when ``> eps``, gradient
 ``dp_y / (p_y + eps)``, inputs on the 0-255 scale; ``eps = 1e-3``, ``1e-8`` in their Setup 0).
+Its regularisation depends on ``p`` only, so it loses invariance through the absolute cut-off alone.
 
 Input space: images ``x`` of shape ``(N, Ch, H, W)`` (any ``(N, ...)`` for ``"input"``), pixels in
 ``[0, 1]`` as the :mod:`sensitivity_lib.zoo` models take them; the model returns logits ``(N, C)``.
@@ -72,6 +74,7 @@ __all__ = [
     "fi_direction",
     "logit_grams",
     "svd_chain_reference",
+    "reference_loop",
     "DEFAULT_RTOL",
     "SA_DNN_EPS",
 ]
@@ -112,8 +115,8 @@ class Influence:
     p_y
         ``p(y | x)`` of the label used, ``(N,)`` float64.
     odds
-        ``(1 - p_y) / p_y``, ``(N,)``: the value of FI whenever the kept rank is ``C - 1``
-        (exact mode), and an upper bound on it always.
+        ``(1 - p_y) / p_y``, ``(N,)``: the value of FI whenever the kept rank is ``C - 1``, and an
+        upper bound on it always (exact mode).
     labels
         The labels ``y`` used (``(N,)`` int64): given, or predicted.
     probs
@@ -573,6 +576,7 @@ def logit_grams(
     method: str = "auto",
     batch_size: int | None = None,
     chunk_size: int | None = None,
+    input_scale: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, Any]:
     """Logits and C x C Grams ``J_z J_z^T`` of the logit Jacobian for each perturbation block.
 
@@ -594,6 +598,9 @@ def logit_grams(
         Images per pass (default 64 for input/pixels, 8 for layers/params).
     chunk_size
         ``jacrev`` chunk size (classes per pass) for ``method="functorch"``.
+    input_scale
+        For input and pixels: ``omega = input_scale * x`` (a number, or a tensor that broadcasts
+        against one image, for per-coordinate units); the Jacobian is divided by it.
 
     Returns
     -------
@@ -614,7 +621,7 @@ def logit_grams(
             parts = []
             for sl in _chunks(N, bs):
                 z, J = _input_jacobian(model, x[sl])
-                J = J.to(torch.float64)
+                J = J.to(torch.float64) / _on(input_scale, J)
                 zs.append(z)
                 if wrt == "input":
                     Jf = J.reshape(J.shape[0], J.shape[1], -1)
@@ -648,6 +655,10 @@ def logit_grams(
         if wrt == "params":
             return z, sum(grams.values())
         return z, grams
+
+
+def _on(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return scale.to(like.device) if isinstance(scale, torch.Tensor) else scale
 
 
 def _method_name(wrt: str, model: nn.Module, method: str) -> str:
@@ -693,9 +704,15 @@ def _settings(mode: str, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
     if not (0 <= rtol < 1) or atol < 0:
         raise ValueError(f"need 0 <= rtol < 1 and atol >= 0, got rtol={rtol}, atol={atol}")
     default_scale = 255.0 if (mode == "sa_dnn" and wrt in ("input", "pixels")) else 1.0
-    scale = float(options.get("input_scale", default_scale))
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"input_scale must be a positive number, got {scale}")
+    scale = options.get("input_scale", default_scale)
+    if isinstance(scale, torch.Tensor):
+        if scale.is_complex() or not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("input_scale must hold positive finite numbers")
+        scale = scale.detach().to(torch.float64)
+    else:
+        scale = float(scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"input_scale must be a positive number, got {scale}")
     if wrt in ("layers", "params") and "input_scale" in options:
         raise ValueError("input_scale applies to wrt='input' or 'pixels' only")
     patch = options.get("patch", 0)
@@ -738,7 +755,8 @@ def fi(
         ``eps`` (sa_dnn epsilon, default ``1e-3``), ``rtol`` (exact mode, relative tolerance on
         the eigenvalues of the C x C Gram, default :data:`DEFAULT_RTOL`), ``atol`` (exact mode,
         absolute floor on those eigenvalues, default 0; breaks invariance when > 0),
-        ``input_scale`` (omega = input_scale * x; default 255 in sa_dnn mode for images, else 1),
+        ``input_scale`` (omega = input_scale * x, a number or a tensor broadcasting against one
+        image for per-coordinate units; default 255 in sa_dnn mode for images, else 1),
         ``patch`` (int s >= 0 for ``wrt="pixels"``), ``batch_size``, ``method`` and
         ``chunk_size`` (see :func:`logit_grams`), ``return_eigvals`` (store the eigenvalues of
         the C x C Gram in ``extra["eigvals"]``).
@@ -765,18 +783,16 @@ def fi(
             raise ValueError(f"patch must be an int s >= 0 (patch side 2s+1), got {s!r}")
         return fi_maps(model, x, y, scales=(s,), mode=mode, **_map_opts(st))[s]
     z, grams = logit_grams(
-        model, x, wrt, method=st["method"], batch_size=st["batch_size"], chunk_size=st["chunk_size"]
-    )
+        model, x, wrt, method=st["method"], batch_size=st["batch_size"],
+        chunk_size=st["chunk_size"], input_scale=st["input_scale"],
+    )  # fmt: skip
     p = torch.softmax(z.to(torch.float64), -1)
     C = p.shape[-1]
     if C < 2:
         raise ValueError("the model must have at least 2 classes")
     yl = _labels(y, x.shape[0], C, z)
     kw = dict(eps=st["eps"], rtol=st["rtol"], atol=st["atol"], return_eigvals=st["return_eigvals"])
-    scale2 = st["input_scale"] ** 2
-
     def one(M: torch.Tensor):
-        M = M / scale2 if wrt == "input" else M
         out = fi_from_gram(M, p, yl, mode, **kw)
         return out, _grad_norm_from_gram(M, p, yl, mode, st["eps"])
 
@@ -856,7 +872,7 @@ def fi_maps(
             p = torch.softmax(z.to(torch.float64), -1)
             yl = _labels(None if y is None else _slice_y(y, N)[sl], z.shape[0], z.shape[1], z)
             ys.append(yl)
-            J = J.to(torch.float64) / st["input_scale"]
+            J = J.to(torch.float64) / _on(st["input_scale"], J)
             O = torch.einsum("bichw,bjchw->bchwij", J, J)
             B, Ch, H, W = O.shape[:4]
             pe = p[:, None, None, None, :].expand(B, Ch, H, W, p.shape[-1])
@@ -986,3 +1002,66 @@ def svd_chain_reference(
     U_0 = B0 @ U_A
     nabla_f = f_grad @ U_0 @ np.diag(D_0**-0.5)
     return float((nabla_f @ nabla_f.T)[0, 0])
+
+
+def reference_loop(
+    model: nn.Module, x: torch.Tensor, wrt: str = "input", eps: float = SA_DNN_EPS
+) -> np.ndarray:
+    """The authors' computation, ported literally: the baseline for checks and benchmarks.
+
+    Per image and per class ``k``: one forward pass and one backward pass of the softmax output
+    ``p_k`` (SA_DNN's ``K.gradients(model.output[0, k], ...)``), then
+    :func:`svd_chain_reference` on the ``dim(omega) x C`` matrix: once for the image
+    (``"input"``, omega on the 0-255 scale), once per channel-pixel (``"pixels"``, s = 0), or once
+    per trainable module (``"layers"``). Labels are the predicted ones. Slow by design.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)``, ``(N, Ch * H * W)`` or ``(N, n_modules)`` float64, comparable with
+        ``fi(..., mode="sa_dnn", eps=eps)``.
+    """
+    if wrt not in ("input", "pixels", "layers"):
+        raise ValueError(f"wrt must be 'input', 'pixels' or 'layers', got {wrt!r}")
+    _check_model(model)
+    _check_x(x, wrt)
+    mods = _param_modules(model)
+    params = [p for _, m, own in mods for p in (getattr(m, q) for q in own)]
+    out = []
+    with _eval_mode(model):
+        for i in range(x.shape[0]):
+            rows, prob = [], None
+            for k in range(_n_classes(model, x[:1])):
+                x1 = x[i : i + 1].detach().requires_grad_(wrt != "layers")
+                with torch.enable_grad():
+                    p = torch.softmax(model(x1).to(torch.float64), -1)[0]
+                    prob = p.detach()
+                    if wrt == "layers":
+                        gs = torch.autograd.grad(p[k], params)
+                        rows.append([g.reshape(-1).to(torch.float64) for g in gs])
+                    else:
+                        (g,) = torch.autograd.grad(p[k], x1)
+                        rows.append(g.reshape(-1).to(torch.float64))
+            prob_np = prob.cpu().numpy()
+            y = int(prob_np.argmax())
+            if wrt == "input":
+                grad = torch.stack(rows, 1).cpu().numpy() / 255.0
+                out.append(svd_chain_reference(grad, prob_np, y, eps))
+            elif wrt == "pixels":
+                grad = torch.stack(rows, 1).cpu().numpy() / 255.0
+                out.append([svd_chain_reference(g[None], prob_np, y, eps) for g in grad])
+            else:
+                vals, j = [], 0
+                for _, _, own in mods:
+                    n = len(own)
+                    cols = [torch.cat(r[j : j + n]) for r in rows]
+                    grad = torch.stack(cols, 1).cpu().numpy()
+                    vals.append(svd_chain_reference(grad, prob_np, y, eps))
+                    j += n
+                out.append(vals)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _n_classes(model: nn.Module, x1: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x1).shape[-1])

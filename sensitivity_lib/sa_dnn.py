@@ -51,6 +51,7 @@ __all__ = [
     "sa_densenet121",
     "trainable_modules",
     "register",
+    "recalibrate_bn",
     "REGISTERED",
     "MNIST_MEAN",
     "MNIST_STD",
@@ -274,6 +275,51 @@ def trainable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             yield name, m
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -> nn.Module:
+    """Recompute every batch norm's running statistics as plain averages over ``images``.
+
+    After a short training run with a fast optimiser the running averages lag the weights, and a
+    50-layer network can then predict one class in eval mode although it fits its training batches
+    ("precise BN", Wu and Johnson 2021). This resets the statistics and averages the batch means and
+    variances of ``images`` (in chunks of ``batch_size``, dropout off), in place. Deterministic for
+    fixed images.
+
+    Parameters
+    ----------
+    model
+        A network (e.g. a :class:`~sensitivity_lib.zoo.Normalized` model) containing batch norms.
+    images
+        Training images in the model's input space, ``(N, C, H, W)``.
+    batch_size
+        Images per forward pass.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, in eval mode.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        raise ValueError("images must be a non-empty batch (N, C, H, W)")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ValueError("the model has no batch norm to recalibrate")
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+        model.eval()
+    return model
 
 
 def register() -> list[str]:

@@ -277,7 +277,7 @@ def test_sa_dnn_recipe_is_zero_when_everything_is_cut(net, x):
 
 
 def test_full_rank_identity(net, x):
-    """dim(omega) = 72 >= C = 5 in general position: rank C - 1 and FI = (1 - p_y) / p_y."""
+    """dim(omega) = 72 >= C - 1 = 4 in general position: rank C - 1 and FI = (1 - p_y) / p_y."""
     for y in (None, torch.tensor([1, 2, 0])):
         r = fi(net, x, y)
         assert (r.rank == 4).all()
@@ -340,7 +340,7 @@ def test_fi_from_gram_matches_pinv_and_is_bounded(C, d, seed):
     assert int(rank) == min(d, C - 1)
     odds = (1 - float(p[y])) / float(p[y])
     assert float(val) <= odds * (1 + 1e-9)
-    if d >= C:
+    if d >= C - 1:  # col(J_z) + span(1) = R^C for a generic J_z with C - 1 columns
         assert close(float(val), odds, 1e-9)
     if d == 1:  # scalar omega: (d log p_y)^2 / sum_k (d p_k)^2 / p_k
         ref = float((Jp[y, 0] / p[y]) ** 2 / ((Jp[:, 0] ** 2) / p).sum())
@@ -397,6 +397,11 @@ def test_exact_fi_is_invariant_to_reparameterising_the_input_and_sa_dnn_is_not(n
         a2 = fi(net, x, wrt=wrt, mode="sa_dnn", input_scale=1.0, **kw)
         b2 = fi(net2, x / s, wrt=wrt, mode="sa_dnn", input_scale=1.0, **kw)
         assert (a2.value > 0).any() and not torch.allclose(a2.value, b2.value, rtol=1e-3), wrt
+        # the same change of coordinates through input_scale (omega = s * x per coordinate)
+        c = fi(net, x, wrt=wrt, input_scale=s, **kw)
+        assert torch.allclose(a.value, c.value, rtol=1e-9, atol=1e-12), wrt
+        c2 = fi(net, x, wrt=wrt, mode="sa_dnn", input_scale=1 / s, **kw)
+        assert torch.allclose(b2.value, c2.value, rtol=1e-9, atol=1e-12), wrt
     # a global change of units (0-1 against 0-255 pixels) is invisible in exact mode only
     e1 = fi(net, x, wrt="pixels", input_scale=1.0).value
     e255 = fi(net, x, wrt="pixels", input_scale=255.0).value
@@ -514,3 +519,13 @@ def test_hooks_refuse_unsupported_modules(net, x):
         fi(net2, x, wrt="layers", method="hooks")
     r = fi(net2, x, wrt="layers")  # auto falls back
     assert r.method == "functorch" and "1" in r.value
+
+
+def test_reference_loop_is_the_authors_computation(net, x):
+    """The slow baseline of the benchmark agrees with fi(mode='sa_dnn') on every kind of omega."""
+    for wrt in ("input", "pixels", "layers"):
+        ref = influence.reference_loop(net, x[:2], wrt, eps=1e-5)
+        r = fi(net, x[:2], wrt=wrt, mode="sa_dnn", eps=1e-5)
+        got = r.matrix()[1] if wrt == "layers" else r.value.reshape(2, -1).squeeze(-1)
+        assert (ref > 0).any(), wrt
+        assert np.allclose(got.numpy().reshape(ref.shape), ref, rtol=1e-6, atol=1e-12), wrt

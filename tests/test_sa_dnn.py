@@ -8,7 +8,12 @@ from scipy import ndimage
 from sensitivity_lib import zoo
 from sensitivity_lib.data import ImageSet
 from sensitivity_lib.outliers import shift_image, synthetic_outliers
-from sensitivity_lib.sa_dnn import sa_densenet121, sa_resnet50, trainable_modules
+from sensitivity_lib.sa_dnn import (
+    recalibrate_bn,
+    sa_densenet121,
+    sa_resnet50,
+    trainable_modules,
+)
 
 
 def count(net):
@@ -63,6 +68,27 @@ def test_bad_arguments():
         sa_densenet121(1, 1)
     with pytest.raises(ValueError, match="too small"):
         sa_resnet50(1, 10, width=4, input_size=8)
+
+
+def test_recalibrate_bn_averages_batch_statistics_with_dropout_off():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 3, 3)
+    net = torch.nn.Sequential(conv, torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    net.train()
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        net(x * 5 + 3)  # running statistics of other data
+        h = conv(x)
+    recalibrate_bn(net, x, batch_size=4)
+    bn = net[2]
+    assert not net.training and not bn.training and bn.momentum == 0.1
+    # cumulative average of the two batches' means and unbiased variances, dropout off
+    means = torch.stack([h[:4].mean((0, 2, 3)), h[4:].mean((0, 2, 3))])
+    vars_ = torch.stack([h[:4].var((0, 2, 3)), h[4:].var((0, 2, 3))])
+    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, vars_.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="no batch norm"):
+        recalibrate_bn(torch.nn.Linear(2, 2), x)
 
 
 def test_registered_with_the_zoo():
