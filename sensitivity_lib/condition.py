@@ -70,6 +70,7 @@ from sensitivity_lib.lipschitz import (
     lipschitz_product,
     pool_window_multiplicity,
 )
+from sensitivity_lib.opnorm import operator_norm
 from sensitivity_lib.results import Estimate
 
 __all__ = [
@@ -83,18 +84,10 @@ __all__ = [
     "min_input_bits",
     "round_significand",
     "top_singular_values",
-    "operator_norm",  # noqa: F822 - resolved lazily by __getattr__ below
+    "operator_norm",
 ]
 
 LN2 = math.log(2.0)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "operator_norm":  # re-exported lazily: sensitivity_lib.opnorm.operator_norm
-        from sensitivity_lib.opnorm import operator_norm
-
-        return operator_norm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,9 +202,7 @@ def top_singular_values(
         evals, evecs = torch.linalg.eigh(T)
         th, y = evals[:, -1], evecs[:, :, -1]
         r = b * y[:, -1].abs() / th.abs().clamp_min(1e-300)
-        exhausted = (b <= 1e-13 * th.abs().clamp_min(1e-300)) | torch.tensor(
-            Q.shape[1] >= dim, device=device
-        )
+        exhausted = (b <= 1e-13 * th.abs().clamp_min(1e-300)) | torch.tensor(Q.shape[1] >= dim, device=device)
         r = torch.where(exhausted, torch.zeros_like(r), r)
         theta[active], iters[active], resid[active] = th, count, r
         keep = (r > tol) & ~exhausted
@@ -284,6 +275,7 @@ def jacobian_norm(
     max_iter: int = 200,
     method: str = "lanczos",
     krylov_dim: int = 100,
+    ad: str = "reverse",
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """``||J(x_i)||_2`` for every sample of a batch, matrix-free (absolute local condition number).
@@ -306,6 +298,12 @@ def jacobian_norm(
         relative error of ``sigma^2`` is at most about ``tol``).
     max_iter, method, krylov_dim, generator
         Budget, ``"lanczos"`` / ``"power"``, Lanczos basis size, and the random start.
+    ad
+        How ``J v`` is applied: ``"reverse"`` (default) differentiates the linear map
+        ``u -> J^T u`` once more (reverse over reverse; the forward pass is kept for the whole
+        iteration), ``"forward"`` uses ``torch.func.jvp`` (recomputes the forward pass each time,
+        and its first call imports torch's decomposition machinery, several seconds). ``"reverse"``
+        falls back to ``"forward"`` for an operation without double backward.
 
     Returns
     -------
@@ -321,36 +319,41 @@ def jacobian_norm(
     """
     _check_output(output)
     _check_batch(model, x)
+    if ad not in ("reverse", "forward"):
+        raise ValueError(f"ad must be 'reverse' or 'forward', got {ad!r}")
     f = _output_fn(model, output)
     x = x.detach()
     with torch.no_grad():
         out_dim = f(x[:1]).shape[1]
     in_shape = x.shape[1:]
     in_dim = math.prod(in_shape)
-    state: dict[str, Any] = {"idx": None, "vjp": None, "jvp_ok": True}
+    state: dict[str, Any] = {"idx": None, "reverse": ad == "reverse"}
 
-    def vjp_fn(idx: torch.Tensor) -> Callable:
-        if state["idx"] is None or not torch.equal(state["idx"], idx):
-            _, state["vjp"] = torch.func.vjp(f, x[idx])
-            state["idx"] = idx.clone()
-        return state["vjp"]
-
-    def rmatvec(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return vjp_fn(idx)(u.reshape(len(idx), out_dim))[0]
-
-    def matvec(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        v = v.reshape(len(idx), *in_shape)
-        if state["jvp_ok"]:
-            try:
-                return torch.func.jvp(f, (x[idx],), (v,))[1]
-            except (RuntimeError, NotImplementedError):
-                state["jvp_ok"] = False  # an op without forward-mode AD: use double backward
-        u0 = torch.zeros(len(idx), out_dim, dtype=x.dtype, device=x.device, requires_grad=True)
+    def linearise(idx: torch.Tensor) -> None:
+        """Keep ``y = f(x_idx)`` and ``g(u) = J^T u`` (a graph linear in ``u``) for the active rows."""
+        if state["idx"] is not None and torch.equal(state["idx"], idx):
+            return
         with torch.enable_grad():
             xi = x[idx].clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(f(xi), xi, u0, create_graph=True)
-            (jv,) = torch.autograd.grad(g, u0, v)
-        return jv
+            y = f(xi)
+            u0 = torch.zeros_like(y, requires_grad=True)
+            (g,) = torch.autograd.grad(y, xi, u0, create_graph=True)
+        state.update(idx=idx.clone(), xi=xi, y=y, u0=u0, g=g)
+
+    def rmatvec(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        linearise(idx)
+        u = u.reshape(len(idx), out_dim).to(state["y"].dtype)
+        return torch.autograd.grad(state["y"], state["xi"], u, retain_graph=True)[0]
+
+    def matvec(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(len(idx), *in_shape).to(x.dtype)
+        if state["reverse"]:
+            linearise(idx)
+            try:  # J v as the derivative of the linear map u -> J^T u (reverse over reverse)
+                return torch.autograd.grad(state["g"], state["u0"], v, retain_graph=True)[0]
+            except RuntimeError:
+                state["reverse"] = False  # an op without double backward: use forward mode
+        return torch.func.jvp(f, (x[idx],), (v,))[1]
 
     sigma, iters, resid = top_singular_values(
         matvec,
@@ -411,9 +414,7 @@ def local_condition(
         ``extra``: ``log2`` (bits lost), ``jacobian_norm`` (the :class:`Estimate` of ``||J||``),
         ``x_norm``, ``f_norm``.
     """
-    J = jacobian_norm(
-        model, x, output=output, tol=tol, max_iter=max_iter, method=method, generator=generator
-    )
+    J = jacobian_norm(model, x, output=output, tol=tol, max_iter=max_iter, method=method, generator=generator)
     with torch.no_grad():
         fx = _output_fn(model, output)(x)
     xn, fn = _norms(x), _norms(fx)
@@ -461,21 +462,14 @@ def global_condition(
     """
     _check_output(output)
     _check_batch(model, x)
-    L = (
-        lipschitz
-        if lipschitz is not None
-        else lipschitz_bound(model, tuple(x.shape[1:]), output=output)
-    )
+    L = lipschitz if lipschitz is not None else lipschitz_bound(model, tuple(x.shape[1:]), output=output)
     if L.extra.get("output", output) != output:
-        raise ValueError(
-            f"the given lipschitz bound is for output={L.extra['output']!r}, not {output!r}"
-        )
+        raise ValueError(f"the given lipschitz bound is for output={L.extra['output']!r}, not {output!r}")
     if not L.is_certified_upper:
         raise ValueError("global_condition needs a certified upper Lipschitz bound")
     if tuple(L.extra.get("input_shape", x.shape[1:])) != tuple(x.shape[1:]):
         raise ValueError(
-            f"the given lipschitz bound is for input shape {L.extra['input_shape']}, "
-            f"not {tuple(x.shape[1:])}"
+            f"the given lipschitz bound is for input shape {L.extra['input_shape']}, not {tuple(x.shape[1:])}"
         )
     with torch.no_grad():
         fx = _output_fn(model, output)(x)
@@ -570,9 +564,7 @@ def approximate_condition(
         ``extra``: ``log2``, ``lipschitz`` (the product), ``x_norm``, ``f_norm``.
     """
     if approximation not in APPROXIMATIONS:
-        raise ValueError(
-            f"approximation must be one of {list(APPROXIMATIONS)}, got {approximation!r}"
-        )
+        raise ValueError(f"approximation must be one of {list(APPROXIMATIONS)}, got {approximation!r}")
     _check_output(output)
     _check_batch(model, x)
     L = lipschitz_product(
@@ -620,12 +612,8 @@ def _maxpool_local(step: Step, z: torch.Tensor) -> torch.Tensor:
     # argmax of every window, computed from the window lists (ties: first index, like PyTorch)
     idx_h = torch.tensor([w + [w[-1]] * (max(map(len, wins_h)) - len(w)) for w in wins_h])
     idx_w = torch.tensor([w + [w[-1]] * (max(map(len, wins_w)) - len(w)) for w in wins_w])
-    flat = (idx_h[:, None, :, None] * W + idx_w[None, :, None, :]).reshape(
-        len(wins_h), len(wins_w), -1
-    )
-    vals = z.reshape(N, C, H * W)[:, :, flat.reshape(-1)].reshape(
-        N, C, len(wins_h), len(wins_w), -1
-    )
+    flat = (idx_h[:, None, :, None] * W + idx_w[None, :, None, :]).reshape(len(wins_h), len(wins_w), -1)
+    vals = z.reshape(N, C, H * W)[:, :, flat.reshape(-1)].reshape(N, C, len(wins_h), len(wins_w), -1)
     arg = vals.argmax(-1)
     chosen = torch.gather(flat.expand(N, C, *flat.shape), -1, arg[..., None])[..., 0]
     counts = torch.zeros(N, C, H * W, dtype=torch.float64)
@@ -703,9 +691,7 @@ def masked_product_condition(
             continue
         if s.op == "add":
             logs.append(
-                _log2sum_rows(
-                    [logs[j] + math.log2(w) for j, w in zip(s.inputs, s.weights, strict=True)]
-                )
+                _log2sum_rows([logs[j] + math.log2(w) for j, w in zip(s.inputs, s.weights, strict=True)])
             )
             continue
         if s.op == "cat":
@@ -729,9 +715,7 @@ def masked_product_condition(
                 fac = d.to(torch.float64).abs().reshape(N, -1).max(1).values
                 name = s.name
         elif s.op == "linear":
-            fac = _local_layer_norm(
-                s, None, tol, max_iter, krylov_dim, memory_mb, generator
-            ).expand(N)
+            fac = _local_layer_norm(s, None, tol, max_iter, krylov_dim, memory_mb, generator).expand(N)
             name = s.name
         elif s.op == "maxpool":
             fac = _maxpool_local(s, values[plan.steps[s.inputs[0]].node].detach())
@@ -909,9 +893,7 @@ def clever_l2(
                     j = int(logits[i].topk(2).indices[1])
                 else:
                     j = int(target)
-                s = clever_t(
-                    clf, xi, j, nb_batches, batch_size, radius, norm=2, pool_factor=pool_factor
-                )
+                s = clever_t(clf, xi, j, nb_batches, batch_size, radius, norm=2, pool_factor=pool_factor)
             scores.append(float(s))
     finally:
         np.random.set_state(state)  # noqa: NPY002

@@ -1,0 +1,292 @@
+"""Tests of sensitivity_lib.condition: E0 (exact local), E1 (certified), E2, E3, CLEVER, bits.
+
+Oracles: dense Jacobians from torch.func.jacrev on tiny float64 networks, closed forms for linear
+models, and torch's own float16 / bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_lipschitz import _dense_layer_norm, random_nets
+from torch import nn
+
+from sensitivity_lib import condition as C
+from sensitivity_lib import lipschitz as L
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waits make 2 threads slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense_jacobians(f, x):
+    """(N, m, n) dense Jacobians of one sample's flattened output w.r.t. its flattened input."""
+
+    def g(z):
+        return f(z[None]).reshape(-1)
+
+    J = torch.func.vmap(torch.func.jacrev(g))(x)
+    return J.reshape(len(x), J.shape[1], -1).detach()
+
+
+def top_sv(J):
+    return torch.linalg.matrix_norm(J, 2)
+
+
+def probs(net):
+    def f(z):
+        return torch.softmax(net(z), dim=-1)
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# E0 against the dense Jacobian, and the ordering E0 <= E2 <= E1
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_nets(max_blocks=3), st.integers(0, 10_000), st.sampled_from(["logits", "probs"]))
+def test_jacobian_norm_matches_dense_and_orders(net_shape, seed, output):
+    net, shape = net_shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    f = net if output == "logits" else probs(net)
+    exact = top_sv(dense_jacobians(f, x))
+    e = C.jacobian_norm(net, x, output=output, tol=1e-12, generator=g)
+    assert e.kind == "lower" and e.value.dtype == torch.float64 and e.value.shape == (3,)
+    assert torch.allclose(e.value, exact, rtol=1e-6, atol=1e-12)
+    assert bool((e.residual <= 1e-12).all())
+    # E0 <= E2 <= E1 (layer norms of E2 to 1e-10)
+    bound = L.lipschitz_bound(net, shape, output=output, cache=False)
+    assert float(exact.max()) <= bound.value * (1 + 1e-9)
+    e2 = C.masked_product_condition(net, x, output=output, tol=1e-9, krylov_dim=60, generator=g)
+    e2_norm = torch.exp2(e2.extra["norm_log2"])
+    assert bool((exact <= e2_norm * (1 + 1e-6) + 1e-12).all())
+    assert bool((e2_norm <= bound.value * (1 + 1e-9)).all())
+
+
+def test_power_and_lanczos_agree_and_report_iterations():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 25)).double().eval()
+    x = torch.randn(4, 40, dtype=torch.float64)
+    exact = top_sv(dense_jacobians(net, x))
+    lz = C.jacobian_norm(net, x, tol=1e-12)
+    pw = C.jacobian_norm(net, x, tol=1e-12, method="power", max_iter=20_000)
+    assert torch.allclose(lz.value, exact, rtol=1e-9) and torch.allclose(pw.value, exact, rtol=1e-5)
+    assert lz.extra["space"] == "output" and lz.extra["iterations"].max() <= 25
+    assert pw.method == "power" and bool((pw.value <= exact * (1 + 1e-12)).all())
+    # a budget too small leaves a residual above the tolerance, and the value is still below
+    short = C.jacobian_norm(net, x, tol=1e-12, method="power", max_iter=2)
+    assert bool((short.residual > 1e-12).any()) and bool((short.value <= exact * (1 + 1e-12)).all())
+
+
+def test_restarted_lanczos_and_input_space():
+    torch.manual_seed(1)
+    wide = nn.Sequential(nn.Linear(3, 50), nn.Sigmoid(), nn.Linear(50, 60)).double().eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    e = C.jacobian_norm(wide, x, tol=1e-12)
+    assert e.extra["space"] == "input"  # 3 < 60: J^T J is 3 x 3
+    assert torch.allclose(e.value, top_sv(dense_jacobians(wide, x)), rtol=1e-10)
+    deep = nn.Sequential(nn.Linear(80, 80), nn.Tanh(), nn.Linear(80, 70)).double().eval()
+    x = torch.randn(3, 80, dtype=torch.float64)
+    r = C.jacobian_norm(deep, x, tol=1e-10, krylov_dim=5, max_iter=2000)  # forces restarts
+    assert torch.allclose(r.value, top_sv(dense_jacobians(deep, x)), rtol=1e-8)
+
+
+def test_local_and_global_condition_formulas():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for output, f in (("logits", net), ("probs", probs(net))):
+        jn = top_sv(dense_jacobians(f, x))
+        fx = f(x).detach()
+        expect = jn * x.norm(dim=1) / fx.norm(dim=1)
+        e0 = C.local_condition(net, x, output=output, tol=1e-12)
+        assert torch.allclose(e0.value, expect, rtol=1e-9)
+        assert torch.allclose(e0.extra["log2"], torch.log2(expect), rtol=1e-9)
+        e1 = C.global_condition(net, x, output=output)
+        lip = L.lipschitz_bound(net, (6,), output=output)
+        assert torch.allclose(e1.value, lip.value * x.norm(dim=1) / fx.norm(dim=1), rtol=1e-12)
+        assert e1.kind == "upper" and bool((e1.value >= e0.value).all())
+        # E1 is a certified bound on relative changes of any size
+        g = torch.Generator().manual_seed(3)
+        for eps in (1e-3, 1.0, 10.0):
+            d = eps * torch.randn(x.shape, generator=g, dtype=torch.float64)
+            rel_out = (f(x + d) - fx).norm(dim=1) / fx.norm(dim=1)
+            rel_in = d.norm(dim=1) / x.norm(dim=1)
+            assert bool((rel_out.detach() <= e1.value * rel_in * (1 + 1e-12)).all())
+    with pytest.raises(ValueError, match="output="):
+        C.global_condition(net, x, output="probs", lipschitz=L.lipschitz_bound(net, (6,)))
+
+
+def test_approximations_e3():
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    dense = L.lipschitz_product(net, (2, 8, 8), layer_norm=_dense_layer_norm)
+    up = C.approximate_condition(net, x, approximation="reshaped_upper")
+    assert up.kind == "upper"
+    for name, e in dense.extra["layer_estimates"].items():  # sqrt(m) ||K_mat|| >= ||A||
+        assert up.extra["lipschitz"].extra["layers"][name] >= float(e.value) * (1 - 1e-12)
+    low = C.approximate_condition(net, x, approximation="reshaped")
+    assert low.kind == "estimate"
+    for name, e in dense.extra["layer_estimates"].items():  # interior receptive fields exist here
+        assert low.extra["lipschitz"].extra["layers"][name] <= float(e.value) * (1 + 1e-12)
+    fro = C.approximate_condition(net, x, approximation="frobenius")
+    assert fro.kind == "estimate" and bool((fro.value > 0).all())
+    e0 = C.local_condition(net, x, tol=1e-12)
+    assert bool((up.value >= e0.value).all())
+    with pytest.raises(ValueError, match="approximation"):
+        C.approximate_condition(net, x, approximation="spectral")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real model: LeNet5 (advertorch weights) on MNIST test digits
+
+
+@pytest.mark.slow
+def test_lenet5_ordering_and_reproducibility():
+    from sensitivity_lib import data, zoo
+
+    m = zoo.lenet5("standard").eval()
+    x = data.mnist_test20().images[:3]
+    e0 = C.local_condition(m, x, generator=torch.Generator().manual_seed(0))
+    again = C.local_condition(m, x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(e0.value, again.value)  # re-execution gives identical numbers
+    e2 = C.masked_product_condition(m, x, tol=1e-6)
+    e1 = C.global_condition(m, x)
+    assert bool((e0.value <= e2.value * (1 + 1e-5)).all()) and bool((e2.value <= e1.value).all())
+    # the dense Jacobian of the float32 model agrees with E0 to float32 accuracy
+    exact = top_sv(dense_jacobians(m, x).double())
+    assert torch.allclose(e0.extra["jacobian_norm"].value, exact, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bits
+
+
+def test_round_significand_matches_hardware_formats():
+    g = torch.Generator().manual_seed(0)
+    x = torch.exp(torch.randn(10_000, generator=g, dtype=torch.float64) * 3)
+    x = x.clamp(2.0**-14, 2.0**15)  # the normal range of float16 (no subnormals, no overflow)
+    x = x * torch.sign(torch.randn(10_000, generator=g, dtype=torch.float64))
+    assert torch.equal(C.round_significand(x, 24), x.float().double())
+    # torch casts float64 -> float16 through float32 (double rounding), so compare on inputs that
+    # are float32 numbers, where that cast is correctly rounded
+    x32 = x.float().double()
+    assert torch.equal(C.round_significand(x32, 11), x32.float().half().double())
+    assert torch.equal(C.round_significand(x32, 8), x32.float().bfloat16().double())
+    for t in (3, 7, 16):
+        rel = ((C.round_significand(x, t) - x) / x).abs()
+        assert float(rel.max()) <= 2.0**-t
+        chop = C.round_significand(x, t, mode="chop")
+        assert float(((chop - x) / x).abs().max()) < 2.0 ** (1 - t) and bool(
+            (chop.abs() <= x.abs()).all()
+        )
+    with pytest.raises(ValueError):
+        C.round_significand(x, 0)
+
+
+def test_min_input_bits_keeps_the_decision():
+    """t_min from E1 suffices: the worst input error of relative size 2^-t keeps the arg-max."""
+    torch.manual_seed(5)
+    lin = nn.Linear(8, 4).double().eval()
+    x = torch.rand(200, 8, dtype=torch.float64)
+    y = lin(x).detach()
+    e1 = C.global_condition(lin, x)
+    t = C.min_input_bits(e1.extra["log2"], y)
+    top2 = y.topk(2, dim=1).indices
+    W = lin.weight.detach()
+    for i in range(len(x)):
+        a, b = top2[i]
+        eps = 2.0 ** -float(t[i]) * x[i].norm()
+        # the largest decrease of y_a - y_b over ||dx|| <= eps is ||w_a - w_b|| eps (closed form)
+        worst_gap = (y[i, a] - y[i, b]) - (W[a] - W[b]).norm() * eps
+        assert float(worst_gap) > 0
+        # and some other class c cannot overtake either
+        others = [c for c in range(4) if c != a]
+        assert all(float(y[i, a] - y[i, c] - (W[a] - W[c]).norm() * eps) > 0 for c in others)
+    # rounding the inputs to t bits therefore never flips the prediction
+    flips = [
+        int(lin(C.round_significand(x[i : i + 1], int(t[i]))).argmax()) != int(top2[i, 0])
+        for i in range(len(x))
+    ]
+    assert not any(flips)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLEVER
+
+
+def test_clever_on_a_linear_model_is_the_exact_distance():
+    """For a linear classifier the gradient is constant, so CLEVER is min_j g_j / ||w_c - w_j||."""
+    torch.manual_seed(6)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.full((1, 1, 2, 2), 0.5)
+    with torch.no_grad():
+        lin[1].bias.copy_(-lin(x)[0] + lin[1].bias + torch.tensor([0.1, 0.0, 0.05]))
+    y = lin(x)[0].detach().double()
+    W = lin[1].weight.detach().double()
+    dist = min(float((y[0] - y[j]) / (W[0] - W[j]).norm()) for j in (1, 2))
+    assert dist < 0.3  # inside the ball, and the ball stays inside [0, 1]^4
+    g = torch.Generator().manual_seed(0)
+    s = C.clever_l2(lin, x, nb_batches=5, batch_size=5, pool_factor=2, radius=0.3, generator=g)
+    assert s.kind == "estimate" and s.method == "clever_u"
+    assert float(s.value[0]) == pytest.approx(dist, rel=1e-3)
+    t = C.clever_l2(lin, x, nb_batches=5, batch_size=5, pool_factor=2, radius=0.3,
+                    target="runner_up", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    j = int(y[1:].argmax()) + 1
+    assert float(t.value[0]) == pytest.approx(float((y[0] - y[j]) / (W[0] - W[j]).norm()), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and the re-export
+
+
+def test_errors_are_clear():
+    net = nn.Sequential(nn.Linear(3, 2)).eval()
+    with pytest.raises(ValueError, match="NaN"):
+        C.jacobian_norm(net, torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="batch"):
+        C.jacobian_norm(net, torch.zeros(3))
+    with pytest.raises(TypeError, match="floating"):
+        C.local_condition(net, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="output must be"):
+        C.local_condition(net, torch.zeros(2, 3), output="softmax")
+    with pytest.raises(ValueError, match="method"):
+        C.jacobian_norm(net, torch.zeros(2, 3), method="arnoldi")
+    with pytest.raises(ValueError, match="training mode"):
+        C.jacobian_norm(nn.Sequential(nn.Linear(3, 2), nn.Dropout()), torch.zeros(2, 3))
+    from sensitivity_lib import zoo
+
+    m = zoo.lenet5()
+    with pytest.raises(ValueError, match="axis H"):
+        C.local_condition(m, torch.rand(1, 1, 32, 32))
+    with pytest.raises(NotImplementedError, match="could not trace"):
+
+        class Branchy(nn.Module):
+            def forward(self, x):
+                return x if x.sum() > 0 else -x
+
+        C.masked_product_condition(Branchy(), torch.rand(2, 3))
+
+
+def test_operator_norm_is_reexported():
+    from sensitivity_lib.opnorm import operator_norm
+
+    assert C.operator_norm is operator_norm
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    assert C.operator_norm(conv, (1, 5, 5), "fft").is_certified_upper
+    assert math.isfinite(C.operator_norm(conv, (1, 5, 5), "dense").value)
