@@ -84,6 +84,9 @@ __all__ = [
     "min_input_bits",
     "round_significand",
     "top_singular_values",
+    "amplification",
+    "max_amplification",
+    "rounding_flip_bits",
     "operator_norm",
 ]
 
@@ -108,7 +111,8 @@ def top_singular_values(
     max_iter: int = 200,
     krylov_dim: int = 50,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_vectors: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Largest singular value of N linear operators ``A_i``, matrix-free and batched.
 
     Iterates on ``A_i A_i^T`` when ``out_dim <= in_dim`` (vectors live in the smaller space),
@@ -132,12 +136,15 @@ def top_singular_values(
         ``"lanczos"`` or ``"power"``.
     tol, max_iter, krylov_dim, generator
         Stopping rule, budget (products with ``B``), Lanczos basis size, and the random start.
+    return_vectors
+        Also return the unit Ritz vectors (in the space iterated on: the output space when
+        ``out_dim <= in_dim``, else the input space).
 
     Returns
     -------
-    (sigma, iterations, residual)
+    (sigma, iterations, residual, vectors)
         float64 tensor (n,) of Ritz values ``sqrt(theta) <= sigma_max`` (exact arithmetic), int64
-        tensor (n,), float64 tensor (n,).
+        tensor (n,), float64 tensor (n,), and float64 (n, dim) or ``None``.
     """
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
@@ -159,6 +166,7 @@ def top_singular_values(
     theta = torch.zeros(n, dtype=torch.float64, device=device)
     iters = torch.zeros(n, dtype=torch.int64, device=device)
     resid = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+    vecs = v0.clone() if return_vectors else None
     active = torch.arange(n, device=device)
 
     if method == "power":
@@ -168,13 +176,15 @@ def top_singular_values(
             th = (v * w).sum(1)
             r = (w - th[:, None] * v).norm(dim=1) / th.abs().clamp_min(1e-300)
             theta[active], iters[active], resid[active] = th, it, r
+            if vecs is not None:
+                vecs[active] = v
             wn = w.norm(dim=1)
             keep = (r > tol) & (wn > 0)
             v = (w / wn.clamp_min(1e-300)[:, None])[keep]
             active = active[keep]
             if len(active) == 0:
                 break
-        return theta.clamp_min(0).sqrt(), iters, resid
+        return theta.clamp_min(0).sqrt(), iters, resid, vecs
 
     m = max(2, min(krylov_dim, dim))
     Q = v0[:, None, :]  # (na, j, dim)
@@ -205,6 +215,9 @@ def top_singular_values(
         exhausted = (b <= 1e-13 * th.abs().clamp_min(1e-300)) | torch.tensor(Q.shape[1] >= dim, device=device)
         r = torch.where(exhausted, torch.zeros_like(r), r)
         theta[active], iters[active], resid[active] = th, count, r
+        if vecs is not None:
+            u = torch.einsum("njd,nj->nd", Q, y)
+            vecs[active] = u / u.norm(dim=1, keepdim=True)
         keep = (r > tol) & ~exhausted
         if not bool(keep.any()):
             break
@@ -218,7 +231,7 @@ def top_singular_values(
             alphas, betas = [], []
         else:
             Q = torch.cat([Q, (w / b[:, None])[:, None, :]], 1)
-    return theta.clamp_min(0).sqrt(), iters, resid
+    return theta.clamp_min(0).sqrt(), iters, resid, vecs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +289,7 @@ def jacobian_norm(
     method: str = "lanczos",
     krylov_dim: int = 100,
     ad: str = "reverse",
+    vectors: bool = False,
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """``||J(x_i)||_2`` for every sample of a batch, matrix-free (absolute local condition number).
@@ -304,6 +318,9 @@ def jacobian_norm(
         iteration), ``"forward"`` uses ``torch.func.jvp`` (recomputes the forward pass each time,
         and its first call imports torch's decomposition machinery, several seconds). ``"reverse"``
         falls back to ``"forward"`` for an operation without double backward.
+    vectors
+        Also return ``extra["right"]``: per sample the unit input direction ``v`` (shape of ``x``)
+        with ``||J v|| = value`` (the first-order worst-case perturbation direction).
 
     Returns
     -------
@@ -355,7 +372,7 @@ def jacobian_norm(
                 state["reverse"] = False  # an op without double backward: use forward mode
         return torch.func.jvp(f, (x[idx],), (v,))[1]
 
-    sigma, iters, resid = top_singular_values(
+    sigma, iters, resid, vecs = top_singular_values(
         matvec,
         rmatvec,
         len(x),
@@ -368,7 +385,23 @@ def jacobian_norm(
         max_iter=max_iter,
         krylov_dim=krylov_dim,
         generator=generator,
+        return_vectors=vectors,
     )
+    extra = {
+        "iterations": iters,
+        "log2": _log2(sigma),
+        "output": output,
+        "space": "output" if out_dim <= in_dim else "input",
+        "tol": tol,
+    }
+    if vectors:
+        idx = torch.arange(len(x), device=x.device)
+        if out_dim <= in_dim:  # v = J^T u / ||J^T u||
+            right = rmatvec(vecs.to(x.dtype), idx).detach().reshape(len(x), -1).to(torch.float64)
+            right = right / right.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        else:
+            right = vecs
+        extra["right"] = right.reshape(x.shape).to(x.dtype)
     return Estimate(
         value=sigma,
         kind="lower",
@@ -376,13 +409,7 @@ def jacobian_norm(
         norm="2",
         iterations=int(iters.max()),
         residual=resid,
-        extra={
-            "iterations": iters,
-            "log2": _log2(sigma),
-            "output": output,
-            "space": "output" if out_dim <= in_dim else "input",
-            "tol": tol,
-        },
+        extra=extra,
     )
 
 
@@ -394,6 +421,7 @@ def local_condition(
     tol: float = 1e-6,
     max_iter: int = 200,
     method: str = "lanczos",
+    vectors: bool = False,
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """E0: the relative condition number ``||J(x)||_2 ||x|| / ||f(x)||`` of every sample.
@@ -404,7 +432,7 @@ def local_condition(
 
     Parameters
     ----------
-    model, x, output, tol, max_iter, method, generator
+    model, x, output, tol, max_iter, method, vectors, generator
         As in :func:`jacobian_norm`.
 
     Returns
@@ -414,7 +442,16 @@ def local_condition(
         ``extra``: ``log2`` (bits lost), ``jacobian_norm`` (the :class:`Estimate` of ``||J||``),
         ``x_norm``, ``f_norm``.
     """
-    J = jacobian_norm(model, x, output=output, tol=tol, max_iter=max_iter, method=method, generator=generator)
+    J = jacobian_norm(
+        model,
+        x,
+        output=output,
+        tol=tol,
+        max_iter=max_iter,
+        method=method,
+        vectors=vectors,
+        generator=generator,
+    )
     with torch.no_grad():
         fx = _output_fn(model, output)(x)
     xn, fn = _norms(x), _norms(fx)
@@ -788,7 +825,7 @@ def _local_layer_norm(
             _, back = torch.func.vjp(apply, zero)
             return back(u.reshape(len(idx), *out_shape))[0]
 
-        sigma, _, _ = top_singular_values(
+        sigma, _, _, _ = top_singular_values(
             matvec,
             rmatvec,
             len(sl),
@@ -803,6 +840,162 @@ def _local_layer_norm(
         )
         res.append(sigma)
     return torch.cat(res).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Perturbation experiments: observed amplification, adversarial ascent, rounding
+
+
+def _plain(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a function on all of R^n: a ``zoo.Normalized`` wrapper without its [0, 1] check
+    (a perturbed input may leave [0, 1]; the bounds hold on the whole space)."""
+    net, mean, std = (getattr(model, a, None) for a in ("net", "mean", "std"))
+    if hasattr(model, "check_input") and net is not None and mean is not None and std is not None:
+        return lambda z: net((z - mean) / std)
+    return model
+
+
+def amplification(
+    model: nn.Module,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    output: str = "logits",
+    relative: bool = False,
+) -> torch.Tensor:
+    """Observed amplification of a perturbation ``d``, per sample (float64).
+
+    ``||f(x + d) - f(x)|| / ||d||`` (absolute; never above the Lipschitz constant), or with
+    ``relative=True`` ``(||f(x + d) - f(x)|| / ||f(x)||) / (||d|| / ||x||)`` (never above E1).
+    ``x + d`` may leave [0, 1]: a ``zoo.Normalized`` model is evaluated without its input check.
+
+    Parameters
+    ----------
+    model, x, output
+        As in :func:`local_condition`.
+    d
+        Perturbations, same shape as ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        float64 (N,).
+    """
+    _check_output(output)
+    if d.shape != x.shape:
+        raise ValueError(f"d has shape {tuple(d.shape)}, x has {tuple(x.shape)}")
+    plain = _plain(model)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = plain(z)
+        return (torch.softmax(y, dim=-1) if output == "probs" else y).reshape(len(z), -1)
+
+    with torch.no_grad():
+        fx, fxd = f(x), f(x + d)
+    ratio = _norms(fxd - fx) / _norms(d)
+    if relative:
+        ratio = ratio * _norms(x) / _norms(fx)
+    return ratio
+
+
+def max_amplification(
+    model: nn.Module,
+    x: torch.Tensor,
+    radius: float | torch.Tensor,
+    *,
+    output: str = "logits",
+    steps: int = 20,
+    lr: float = 0.1,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Estimate:
+    """Adversarial perturbations: gradient ascent of ``||f(x + d) - f(x)||`` on ``||d|| = radius``.
+
+    ``d = radius * z / ||z||`` and Adam (step ``lr``) maximises the observed amplification
+    ``||f(x + d) - f(x)|| / ||d||`` over ``z``; the best value met is kept. Starting from ``init``
+    (e.g. ``extra["right"]`` of :func:`jacobian_norm`, the first-order worst direction) or a random
+    direction.
+
+    Parameters
+    ----------
+    model, x, output
+        As in :func:`local_condition`.
+    radius
+        ``||d||`` per sample (float or tensor (N,)), in the units of ``x``.
+    steps, lr, init, generator
+        Ascent steps, Adam learning rate (on the unit direction), start, random start.
+
+    Returns
+    -------
+    Estimate
+        ``value`` float64 (N,): achieved amplifications, ``kind="lower"`` (a lower bound on the
+        Lipschitz constant of ``f`` on the ball, hence on every certified upper bound);
+        ``extra["d"]``: the best perturbations.
+    """
+    _check_output(output)
+    _check_batch(model, x)
+    plain = _plain(model)
+    x = x.detach()
+    r = torch.as_tensor(radius, dtype=x.dtype, device=x.device).reshape(-1)
+    r = r.expand(len(x)).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = plain(z)
+        return (torch.softmax(y, dim=-1) if output == "probs" else y).reshape(len(z), -1)
+
+    with torch.no_grad():
+        fx = f(x)
+    z0 = init.detach().to(x.dtype) if init is not None else torch.randn(x.shape, generator=generator).to(x)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    best = torch.zeros(len(x), dtype=torch.float64)
+    best_d = torch.zeros_like(x)
+    for _ in range(steps + 1):
+        with torch.enable_grad():
+            d = r * z / z.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(r.shape)
+            gain = (f(x + d) - fx).norm(dim=1)
+            ratio = gain.detach().to(torch.float64) / r.reshape(-1).to(torch.float64)
+            better = ratio > best
+            best = torch.where(better, ratio, best)
+            best_d[better] = d.detach()[better]
+            opt.zero_grad()
+            (-gain.sum()).backward()
+        opt.step()
+    return Estimate(
+        value=best, kind="lower", method="gradient-ascent", norm="2", iterations=steps,
+        extra={"d": best_d, "radius": r.reshape(-1), "output": output},
+    )  # fmt: skip
+
+
+def rounding_flip_bits(
+    model: nn.Module, x: torch.Tensor, bits: range = range(1, 25), mode: str = "nearest"
+) -> torch.Tensor:
+    """Empirical bit-width: the smallest ``t`` such that rounding the input to every ``t' >= t``
+    significand bits (within ``bits``) keeps the predicted class, per sample.
+
+    Parameters
+    ----------
+    model, x
+        A classifier and a batch in its input space.
+    bits
+        Increasing significand widths to try (default 1 ... 24).
+    mode
+        ``"nearest"`` or ``"chop"`` (see :func:`round_significand`).
+
+    Returns
+    -------
+    torch.Tensor
+        int64 (N,); ``bits[-1] + 1`` where even the widest rounding flips the class.
+    """
+    _check_batch(model, x)
+    plain = _plain(model)
+    with torch.no_grad():
+        y0 = plain(x).argmax(1)
+        ok_from = torch.full((len(x),), bits[-1] + 1, dtype=torch.int64)
+        for t in reversed(list(bits)):
+            same = plain(round_significand(x, t, mode)).argmax(1) == y0
+            ok_from = torch.where(same & (ok_from == t + 1), torch.full_like(ok_from, t), ok_from)
+    return ok_from
 
 
 # ----------------------------------------------------------------------------------------------

@@ -192,9 +192,7 @@ def test_round_significand_matches_hardware_formats():
         rel = ((C.round_significand(x, t) - x) / x).abs()
         assert float(rel.max()) <= 2.0**-t
         chop = C.round_significand(x, t, mode="chop")
-        assert float(((chop - x) / x).abs().max()) < 2.0 ** (1 - t) and bool(
-            (chop.abs() <= x.abs()).all()
-        )
+        assert float(((chop - x) / x).abs().max()) < 2.0 ** (1 - t) and bool((chop.abs() <= x.abs()).all())
     with pytest.raises(ValueError):
         C.round_significand(x, 0)
 
@@ -290,3 +288,60 @@ def test_operator_norm_is_reexported():
     conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
     assert C.operator_norm(conv, (1, 5, 5), "fft").is_certified_upper
     assert math.isfinite(C.operator_norm(conv, (1, 5, 5), "dense").value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Perturbation experiments
+
+
+def test_right_vector_and_amplifications():
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4)).double().eval()
+    x = torch.randn(3, 10, dtype=torch.float64)
+    e = C.jacobian_norm(net, x, tol=1e-12, vectors=True)
+    v = e.extra["right"]
+    J = dense_jacobians(net, x)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(torch.einsum("nij,nj->ni", J, v).norm(dim=1), e.value, rtol=1e-9)
+    # along v the observed amplification tends to ||J|| as the step shrinks (first order)
+    small = C.amplification(net, x, 1e-7 * v)
+    assert torch.allclose(small, e.value, rtol=1e-5)
+    # no perturbation of any size beats the certified bound; the relative one stays below E1
+    bound = L.lipschitz_bound(net, (10,)).value
+    e1 = C.global_condition(net, x)
+    g = torch.Generator().manual_seed(0)
+    for eps in (1e-4, 1e-1, 3.0):
+        d = eps * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        assert bool((C.amplification(net, x, d) <= bound).all())
+        assert bool((C.amplification(net, x, d, relative=True) <= e1.value).all())
+    adv = C.max_amplification(net, x, 0.5, steps=30, init=v)
+    assert adv.kind == "lower" and bool((adv.value <= bound).all())
+    assert bool((adv.extra["d"].flatten(1).norm(dim=1) - 0.5).abs().max() < 1e-12)
+    assert torch.allclose(adv.value, C.amplification(net, x, adv.extra["d"]), rtol=1e-12)
+
+
+def test_max_amplification_finds_the_norm_of_a_linear_map():
+    torch.manual_seed(8)
+    lin = nn.Linear(6, 5, bias=True).double().eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    top = float(torch.linalg.matrix_norm(lin.weight.detach(), 2))
+    adv = C.max_amplification(lin, x, 2.0, steps=200, lr=0.05, generator=torch.Generator().manual_seed(1))
+    assert bool((adv.value <= top * (1 + 1e-12)).all()) and bool((adv.value >= 0.999 * top).all())
+
+
+def test_rounding_flip_bits_against_a_direct_loop():
+    torch.manual_seed(9)
+    lin = nn.Linear(5, 3).double().eval()
+    x = torch.rand(40, 5, dtype=torch.float64)
+    got = C.rounding_flip_bits(lin, x, bits=range(1, 25))
+    y0 = lin(x).argmax(1)
+    for i in range(len(x)):
+        t_ok = 25
+        for t in range(24, 0, -1):
+            if int(lin(C.round_significand(x[i : i + 1], t)).argmax()) != int(y0[i]):
+                break
+            t_ok = t
+        assert int(got[i]) == t_ok
+    # the certified t_min from E1 is never below what rounding needs
+    t_min = C.min_input_bits(C.global_condition(lin, x).extra["log2"], lin(x).detach())
+    assert bool((t_min >= got.double()).all())
