@@ -254,6 +254,44 @@ def fi_from_gram(
     return (val, rank, lam) if return_eigvals else (val, rank)
 
 
+def _fi_scalar(
+    j: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mode: str, *, eps: float, rtol: float,
+    atol: float, return_eigvals: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fi_from_gram` for a scalar omega (``M = j j^T``, rank one) in closed form.
+
+    ``K = a a^T`` with ``a = A j``: one eigenvalue ``|a|^2`` with eigenvector ``a / |a|``.
+    """
+    del return_eigvals
+    j = j.to(torch.float64)
+    sp = p.clamp_min(0).sqrt()
+    py = p.gather(-1, y[..., None])[..., 0]
+    d = sp if mode == "exact" else p / (sp + eps)
+    a = d * j - d * (p * j).sum(-1, keepdim=True)  # A j with A = diag(d) - d p^T
+    lam = (a * a).sum(-1)
+    if mode == "exact":
+        keep = (lam > 0) & (lam > atol)  # rtol is relative to lam itself: always met when lam > 0
+        one_minus = (p.sum(-1) - py).clamp_min(0)
+        w = -py.sqrt()[..., None] * sp
+        w = w.scatter(-1, y[..., None], one_minus[..., None])
+        val = (a * w).sum(-1) ** 2 / lam.clamp_min(1e-300) / py
+    else:
+        keep = lam > eps**2
+        ay = a.gather(-1, y[..., None])[..., 0]
+        val = ((py.sqrt() + eps) / (py + eps)) ** 2 * ay**2 / lam.clamp_min(1e-300)
+    return torch.where(keep, val, torch.zeros_like(val)), keep.long()
+
+
+def _grad_norm_scalar(j: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mode: str, eps: float):
+    c = -p.to(torch.float64)
+    c = c.scatter(-1, y[..., None].long(), (1 + c.gather(-1, y[..., None].long())))
+    g = (c * j.to(torch.float64)).sum(-1).abs()
+    if mode == "sa_dnn":
+        py = p.gather(-1, y[..., None].long())[..., 0].to(torch.float64)
+        g = g * py / (py + eps)
+    return g
+
+
 def _grad_norm_from_gram(M: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mode: str, eps: float):
     """``||d log p_y / d omega||`` from ``M`` (``df = J_z^T (e_y - p)``); SA_DNN's JN in sa_dnn."""
     c = -p.to(torch.float64)
@@ -686,14 +724,24 @@ def _box_filter(O: torch.Tensor, s: int) -> torch.Tensor:
     return Ob.reshape(N, Ch, C, C, H, W).permute(0, 1, 4, 5, 2, 3)
 
 
-def _settings(mode: str, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
+def _modes(mode: Any) -> tuple[str, ...]:
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if not modes or any(m not in _MODES for m in modes):
+        raise ValueError(f"mode must be 'exact' or 'sa_dnn' (or a tuple of them), got {mode!r}")
+    return modes
+
+
+def _default_scale(mode: str, wrt: str) -> float:
+    return 255.0 if (mode == "sa_dnn" and wrt in ("input", "pixels")) else 1.0
+
+
+def _settings(mode: Any, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
     known = {"eps", "rtol", "atol", "input_scale", "patch", "batch_size", "method", "chunk_size",
              "return_eigvals"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'exact' or 'sa_dnn', got {mode!r}")
+    modes = _modes(mode)
     if wrt not in _WRTS:
         raise ValueError(f"wrt must be one of {_WRTS}, got {wrt!r}")
     eps = float(options.get("eps", SA_DNN_EPS))
@@ -703,13 +751,12 @@ def _settings(mode: str, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"eps must be a positive number, got {eps}")
     if not (0 <= rtol < 1) or atol < 0:
         raise ValueError(f"need 0 <= rtol < 1 and atol >= 0, got rtol={rtol}, atol={atol}")
-    default_scale = 255.0 if (mode == "sa_dnn" and wrt in ("input", "pixels")) else 1.0
-    scale = options.get("input_scale", default_scale)
+    scale = options.get("input_scale")  # None: the default of each mode
     if isinstance(scale, torch.Tensor):
         if scale.is_complex() or not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("input_scale must hold positive finite numbers")
         scale = scale.detach().to(torch.float64)
-    else:
+    elif scale is not None:
         scale = float(scale)
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"input_scale must be a positive number, got {scale}")
@@ -718,7 +765,7 @@ def _settings(mode: str, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
     patch = options.get("patch", 0)
     if wrt != "pixels" and "patch" in options:
         raise ValueError("patch=s applies to wrt='pixels' only")
-    return dict(eps=eps, rtol=rtol, atol=atol, input_scale=scale, patch=patch,
+    return dict(modes=modes, eps=eps, rtol=rtol, atol=atol, input_scale=scale, patch=patch,
                 batch_size=options.get("batch_size"), method=options.get("method", "auto"),
                 chunk_size=options.get("chunk_size"),
                 return_eigvals=bool(options.get("return_eigvals", False)))
@@ -729,9 +776,9 @@ def fi(
     x: torch.Tensor,
     y: torch.Tensor | Sequence[int] | int | None = None,
     wrt: Wrt = "input",
-    mode: Mode = "exact",
+    mode: Mode | Sequence[Mode] = "exact",
     **options: Any,
-) -> Influence:
+) -> Influence | dict[str, Influence]:
     """First-order influence ``FI = df^T G^+ df`` of ``f = log p(y | x, omega)``, per image.
 
     Parameters
@@ -750,7 +797,8 @@ def fi(
     mode
         ``"exact"`` (pseudo-inverse, relative rank tolerance; invariant to reparameterising
         omega) or ``"sa_dnn"`` (the authors' epsilon-regularised recipe, absolute cut-off,
-        omega on the 0-255 scale for images; reproduces their numbers, is not invariant).
+        omega on the 0-255 scale for images; reproduces their numbers, is not invariant). A tuple
+        such as ``("exact", "sa_dnn")`` computes each from the same Jacobian and returns a dict.
     **options
         ``eps`` (sa_dnn epsilon, default ``1e-3``), ``rtol`` (exact mode, relative tolerance on
         the eigenvalues of the C x C Gram, default :data:`DEFAULT_RTOL`), ``atol`` (exact mode,
@@ -763,9 +811,9 @@ def fi(
 
     Returns
     -------
-    Influence
+    Influence or dict
         FI with ``rank``, ``p_y``, ``odds = (1 - p_y) / p_y``, ``labels``, ``probs`` and
-        ``grad_norm`` (float64, on the model's device).
+        ``grad_norm`` (float64, on the model's device); ``{mode: Influence}`` for a tuple of modes.
 
     Raises
     ------
@@ -781,10 +829,12 @@ def fi(
         s = st["patch"]
         if not (isinstance(s, int) and s >= 0):
             raise ValueError(f"patch must be an int s >= 0 (patch side 2s+1), got {s!r}")
-        return fi_maps(model, x, y, scales=(s,), mode=mode, **_map_opts(st))[s]
+        res = {m: fi_maps(model, x, y, scales=(s,), mode=m, **_map_opts(st))[s] for m in st["modes"]}
+        return res if not isinstance(mode, str) else res[mode]
+    user_scale = st["input_scale"]
     z, grams = logit_grams(
         model, x, wrt, method=st["method"], batch_size=st["batch_size"],
-        chunk_size=st["chunk_size"], input_scale=st["input_scale"],
+        chunk_size=st["chunk_size"], input_scale=1.0 if user_scale is None else user_scale,
     )  # fmt: skip
     p = torch.softmax(z.to(torch.float64), -1)
     C = p.shape[-1]
@@ -792,31 +842,40 @@ def fi(
         raise ValueError("the model must have at least 2 classes")
     yl = _labels(y, x.shape[0], C, z)
     kw = dict(eps=st["eps"], rtol=st["rtol"], atol=st["atol"], return_eigvals=st["return_eigvals"])
-    def one(M: torch.Tensor):
-        out = fi_from_gram(M, p, yl, mode, **kw)
-        return out, _grad_norm_from_gram(M, p, yl, mode, st["eps"])
+    method = _method_name(wrt, model, st["method"])
+    res = {}
+    for m in st["modes"]:
+        scale = _default_scale(m, wrt) if user_scale is None else user_scale
+        f2 = 1.0 if user_scale is not None else scale**2  # grams were formed with scale 1
 
-    extra = {k: st[k] for k in ("eps", "rtol", "atol", "input_scale")}
-    if isinstance(grams, Mapping):
-        value, rank, gn, eig = {}, {}, {}, {}
-        for n, M in grams.items():
-            out, g = one(M)
-            value[n], rank[n], gn[n] = out[0], out[1], g
+        def one(M: torch.Tensor, m=m, f2=f2):
+            M = M / f2
+            return fi_from_gram(M, p, yl, m, **kw), _grad_norm_from_gram(M, p, yl, m, st["eps"])
+
+        extra = {"eps": st["eps"], "rtol": st["rtol"], "atol": st["atol"], "input_scale": scale}
+        if isinstance(grams, Mapping):
+            value, rank, gn, eig = {}, {}, {}, {}
+            for n, M in grams.items():
+                out, g = one(M)
+                value[n], rank[n], gn[n] = out[0], out[1], g
+                if st["return_eigvals"]:
+                    eig[n] = out[2]
             if st["return_eigvals"]:
-                eig[n] = out[2]
-        if st["return_eigvals"]:
-            extra["eigvals"] = eig
-    else:
-        out, gn = one(grams)
-        value, rank = out[0], out[1]
-        if st["return_eigvals"]:
-            extra["eigvals"] = out[2]
-    return _result(value, rank, p, yl, gn, wrt, mode, _method_name(wrt, model, st["method"]), extra)
+                extra["eigvals"] = eig
+        else:
+            out, gn = one(grams)
+            value, rank = out[0], out[1]
+            if st["return_eigvals"]:
+                extra["eigvals"] = out[2]
+        res[m] = _result(value, rank, p, yl, gn, wrt, m, method, extra)
+    return res if not isinstance(mode, str) else res[mode]
 
 
 def _map_opts(st: dict[str, Any]) -> dict[str, Any]:
-    return {k: st[k] for k in ("eps", "rtol", "atol", "input_scale", "batch_size",
-                               "return_eigvals")}
+    out = {k: st[k] for k in ("eps", "rtol", "atol", "batch_size", "return_eigvals")}
+    if st["input_scale"] is not None:
+        out["input_scale"] = st["input_scale"]
+    return out
 
 
 def _result(value, rank, p, yl, gn, wrt, mode, method, extra) -> Influence:
@@ -849,7 +908,11 @@ def fi_maps(
         ``{s: Influence}`` with ``value`` and ``rank`` of shape ``(N, Ch, H, W)``; ``p_y`` and
         ``odds`` of shape ``(N,)``.
     """
+    if not isinstance(mode, str):
+        raise ValueError(f"fi_maps takes one mode ('exact' or 'sa_dnn'), got {mode!r}")
     st = _settings(mode, "pixels", options)
+    if st["input_scale"] is None:
+        st["input_scale"] = _default_scale(mode, "pixels")
     _check_x(x, "pixels")
     scales = tuple(scales)
     if not scales or not all(isinstance(s, int) and s >= 0 for s in scales):
@@ -873,16 +936,22 @@ def fi_maps(
             yl = _labels(None if y is None else _slice_y(y, N)[sl], z.shape[0], z.shape[1], z)
             ys.append(yl)
             J = J.to(torch.float64) / _on(st["input_scale"], J)
-            O = torch.einsum("bichw,bjchw->bchwij", J, J)
-            B, Ch, H, W = O.shape[:4]
+            need_gram = st["return_eigvals"] or any(s > 0 for s in scales)
+            O = torch.einsum("bichw,bjchw->bchwij", J, J) if need_gram else None
+            B, Ch, H, W = J.shape[0], J.shape[2], J.shape[3], J.shape[4]
             pe = p[:, None, None, None, :].expand(B, Ch, H, W, p.shape[-1])
             ye = yl[:, None, None, None].expand(B, Ch, H, W)
             for s in scales:
-                Os = _box_filter(O, s)
-                out = fi_from_gram(Os, pe, ye, mode, **kw)
+                if s == 0 and not st["return_eigvals"]:
+                    out = _fi_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, **kw)
+                    gn = _grad_norm_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, st["eps"])
+                else:
+                    Os = _box_filter(O, s)
+                    out = fi_from_gram(Os, pe, ye, mode, **kw)
+                    gn = _grad_norm_from_gram(Os, pe, ye, mode, st["eps"])
                 vals[s].append(out[0])
                 ranks[s].append(out[1])
-                gns[s].append(_grad_norm_from_gram(Os, pe, ye, mode, st["eps"]))
+                gns[s].append(gn)
                 if st["return_eigvals"]:
                     eigs[s].append(out[2])
     z = torch.cat(zs)

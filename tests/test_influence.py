@@ -529,3 +529,24 @@ def test_reference_loop_is_the_authors_computation(net, x):
         got = r.matrix()[1] if wrt == "layers" else r.value.reshape(2, -1).squeeze(-1)
         assert (ref > 0).any(), wrt
         assert np.allclose(got.numpy().reshape(ref.shape), ref, rtol=1e-6, atol=1e-12), wrt
+
+
+def test_scalar_closed_form_equals_gram_path(net, x):
+    for mode in ("exact", "sa_dnn"):
+        a = fi_maps(net, x, scales=(0,), mode=mode, input_scale=20.0)[0]  # rank-one closed form
+        b = fi_maps(net, x, scales=(0,), mode=mode, input_scale=20.0, return_eigvals=True)[0]
+        assert torch.allclose(a.value, b.value, rtol=1e-9, atol=1e-15), mode
+        assert torch.equal(a.rank, b.rank) and torch.allclose(a.grad_norm, b.grad_norm, rtol=1e-9)
+        assert b.extra["eigvals"].shape == (*x.shape, 5)
+
+
+@pytest.mark.parametrize("wrt", ["input", "pixels", "layers"])
+def test_several_modes_from_one_jacobian(net, x, wrt):
+    both = fi(net, x, wrt=wrt, mode=("exact", "sa_dnn"))
+    for m in ("exact", "sa_dnn"):
+        one = fi(net, x, wrt=wrt, mode=m)
+        a, b = (both[m].matrix()[1], one.matrix()[1]) if wrt == "layers" else (both[m].value, one.value)
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), m
+        assert both[m].extra["input_scale"] == one.extra["input_scale"]
+    with pytest.raises(ValueError, match="mode must be"):
+        fi(net, x, wrt=wrt, mode=("exact", "fast"))
