@@ -62,6 +62,7 @@ from torch import nn
 from sensitivity_lib.lipschitz import (
     OUTPUTS,
     Step,
+    _default_norm,
     _Recorder,
     activation_derivative,
     build_plan,
@@ -87,6 +88,7 @@ __all__ = [
     "amplification",
     "max_amplification",
     "rounding_flip_bits",
+    "kink_fractions",
     "operator_norm",
 ]
 
@@ -440,7 +442,7 @@ def local_condition(
     Estimate
         ``value`` float64 (N,), ``kind="lower"`` (errs low by at most the solver tolerance);
         ``extra``: ``log2`` (bits lost), ``jacobian_norm`` (the :class:`Estimate` of ``||J||``),
-        ``x_norm``, ``f_norm``.
+        ``x_norm``, ``f_norm``, and ``right`` (the worst input direction) when ``vectors=True``.
     """
     J = jacobian_norm(
         model,
@@ -463,7 +465,14 @@ def local_condition(
         norm="2",
         iterations=J.iterations,
         residual=J.residual,
-        extra={"log2": log2, "jacobian_norm": J, "x_norm": xn, "f_norm": fn, "output": output},
+        extra={
+            "log2": log2,
+            "jacobian_norm": J,
+            "x_norm": xn,
+            "f_norm": fn,
+            "output": output,
+            **({"right": J.extra["right"]} if vectors else {}),
+        },
     )
 
 
@@ -555,12 +564,11 @@ def _conv_multiplicity(step: Step) -> int:
 def _approx_norm(approximation: str) -> Callable[[Step], Estimate]:
     def norm(step: Step) -> Estimate:
         w = step.params["weight"].detach().to(torch.float64)
-        if step.kind == "linear":
-            if approximation == "frobenius":
-                return Estimate(float(torch.linalg.matrix_norm(w, "fro")), "upper", "frobenius")
-            return Estimate(float(torch.linalg.matrix_norm(w, 2)), "exact", "dense")
         if approximation == "frobenius":
-            return Estimate(float(w.norm()), "estimate", "frobenius")
+            kind = "upper" if step.kind == "linear" else "estimate"
+            return Estimate(float(w.norm()), kind, "frobenius")
+        if step.kind == "linear":  # the certified norm of E1 (exact up to a ~1e-10 margin)
+            return _default_norm(step)
         g = int(step.params["groups"])
         kmat = w.reshape(g, w.shape[0] // g, -1)
         s = float(torch.linalg.matrix_norm(kmat, 2).max())  # block-diagonal over groups
@@ -592,7 +600,7 @@ def approximate_condition(
       with ``U`` the im2col map); a certified upper bound, looser than the FFT norm.
     * ``"frobenius"``: ``||K||_F``; neither side in general.
 
-    Linear layers use their exact 2-norm (Frobenius norm for ``"frobenius"``).
+    Linear layers keep the certified norm of E1 (the Frobenius norm for ``"frobenius"``).
 
     Returns
     -------
@@ -642,16 +650,30 @@ def _softmax_local(z: torch.Tensor, dim: Any) -> torch.Tensor:
     return torch.linalg.eigvalsh(J)[:, -1].clamp_min(0)
 
 
+def _window_values(step: Step, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values of every max-pool window, (N, C, oh, ow, k) with ``-inf`` padding, and the flat
+    input index of every entry, (oh, ow, k)."""
+    N, C, H, W = z.shape
+    wins_h, wins_w = step.params["windows"]
+    kh, kw = max(map(len, wins_h)), max(map(len, wins_w))
+    idx_h = torch.tensor([w + [-1] * (kh - len(w)) for w in wins_h])
+    idx_w = torch.tensor([w + [-1] * (kw - len(w)) for w in wins_w])
+    valid = ((idx_h >= 0)[:, None, :, None] & (idx_w >= 0)[None, :, None, :]).reshape(
+        len(wins_h), len(wins_w), -1
+    )
+    flat = (idx_h.clamp_min(0)[:, None, :, None] * W + idx_w.clamp_min(0)[None, :, None, :]).reshape(
+        valid.shape
+    )
+    vals = z.reshape(N, C, H * W)[:, :, flat.reshape(-1)].reshape(N, C, *flat.shape)
+    vals = vals.masked_fill(~valid, -math.inf)
+    return vals, flat
+
+
 def _maxpool_local(step: Step, z: torch.Tensor) -> torch.Tensor:
     """``sqrt(max column count)`` of the local selection matrix of a max-pool, per sample."""
     N, C, H, W = z.shape
-    wins_h, wins_w = step.params["windows"]
-    # argmax of every window, computed from the window lists (ties: first index, like PyTorch)
-    idx_h = torch.tensor([w + [w[-1]] * (max(map(len, wins_h)) - len(w)) for w in wins_h])
-    idx_w = torch.tensor([w + [w[-1]] * (max(map(len, wins_w)) - len(w)) for w in wins_w])
-    flat = (idx_h[:, None, :, None] * W + idx_w[None, :, None, :]).reshape(len(wins_h), len(wins_w), -1)
-    vals = z.reshape(N, C, H * W)[:, :, flat.reshape(-1)].reshape(N, C, len(wins_h), len(wins_w), -1)
-    arg = vals.argmax(-1)
+    vals, flat = _window_values(step, z)
+    arg = vals.argmax(-1)  # ties: the first index, like PyTorch
     chosen = torch.gather(flat.expand(N, C, *flat.shape), -1, arg[..., None])[..., 0]
     counts = torch.zeros(N, C, H * W, dtype=torch.float64)
     counts.scatter_add_(
@@ -965,6 +987,49 @@ def max_amplification(
         value=best, kind="lower", method="gradient-ascent", norm="2", iterations=steps,
         extra={"d": best_d, "radius": r.reshape(-1), "output": output},
     )  # fmt: skip
+
+
+_KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,)}
+
+
+def kink_fractions(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where ``f`` is not differentiable at ``x``: per max-pool, the fraction of windows whose
+    maximum is attained more than once (a tie), and per ReLU-like activation, the fraction of
+    inputs exactly at a kink; per sample.
+
+    At such points autograd's ``J(x)`` is one of several one-sided Jacobians, so ``||J(x)||`` (E0)
+    need not match finite differences, in either direction.
+
+    Parameters
+    ----------
+    model, x
+        As in :func:`local_condition`.
+
+    Returns
+    -------
+    dict
+        Module path -> float64 tensor (N,) of fractions in [0, 1].
+    """
+    _check_batch(model, x)
+    plan = build_plan(model, tuple(x.shape[1:]))
+    needed = {plan.steps[s.inputs[0]].node for s in plan.steps if s.op in ("maxpool", "act")}
+    rec = _Recorder(plan.gm, set(), keep=lambda n: n in needed)
+    with torch.no_grad():
+        rec.run(x.detach())
+    out: dict[str, torch.Tensor] = {}
+    N = len(x)
+    for s in plan.steps:
+        if s.op == "act" and s.kind in _KINKS:
+            z = rec.values[plan.steps[s.inputs[0]].node].reshape(N, -1)
+            at = torch.zeros_like(z, dtype=torch.bool)
+            for k in _KINKS[s.kind]:
+                at |= z == k
+            out[s.name] = at.double().mean(1)
+        elif s.op == "maxpool":
+            vals, _ = _window_values(s, rec.values[plan.steps[s.inputs[0]].node])
+            tied = (vals == vals.max(-1, keepdim=True).values).sum(-1) > 1
+            out[s.name] = tied.reshape(N, -1).double().mean(1)
+    return out
 
 
 def rounding_flip_bits(

@@ -71,6 +71,7 @@ Example
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 import weakref
@@ -346,9 +347,7 @@ def check_eval(model: nn.Module) -> None:
     """
     modes = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     training = [
-        n or type(m).__name__
-        for n, m in model.named_modules()
-        if m.training and isinstance(m, modes)
+        n or type(m).__name__ for n, m in model.named_modules() if m.training and isinstance(m, modes)
     ]
     if training:
         raise ValueError(
@@ -464,9 +463,7 @@ def activation_constant(kind: str, params: dict[str, Any]) -> float:
         return max(1.0, abs(float(params.get("alpha", 1.0))))
     if kind == "gelu" and params.get("approximate", "none") == "tanh":
         return 1.12900
-    if kind == "hardtanh" and float(params.get("max_val", 1.0)) <= float(
-        params.get("min_val", -1.0)
-    ):
+    if kind == "hardtanh" and float(params.get("max_val", 1.0)) <= float(params.get("min_val", -1.0)):
         return 0.0
     return ACTIVATION_CONSTANTS[kind]
 
@@ -496,9 +493,7 @@ def activation_derivative(kind: str, params: dict[str, Any], z: torch.Tensor) ->
     if kind == "gelu":
         zz = z.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(
-                F.gelu(zz, approximate=params.get("approximate", "none")).sum(), zz
-            )
+            (g,) = torch.autograd.grad(F.gelu(zz, approximate=params.get("approximate", "none")).sum(), zz)
         return g
     if kind == "softplus":
         return torch.sigmoid(float(params.get("beta", 1.0)) * z)
@@ -526,9 +521,7 @@ def _bn_from_module(m: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _conv_module(
-    weight: torch.Tensor, stride: Any, padding: Any, dilation: Any, groups: int
-) -> nn.Conv2d:
+def _conv_module(weight: torch.Tensor, stride: Any, padding: Any, dilation: Any, groups: int) -> nn.Conv2d:
     cout, cin_g, kh, kw = weight.shape
     conv = nn.Conv2d(
         cin_g * groups,
@@ -548,9 +541,7 @@ def _conv_module(
 
 
 def _linear_module(weight: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
-    )
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
     return lin.eval().requires_grad_(False)
@@ -580,9 +571,7 @@ def build_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
     gm = trace(model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise NotImplementedError(
-            f"models with {len(placeholders)} inputs are not supported (need 1)"
-        )
+        raise NotImplementedError(f"models with {len(placeholders)} inputs are not supported (need 1)")
     variable: set[torch.fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder" or any(a in variable for a in n.all_input_nodes):
@@ -663,8 +652,7 @@ class _PlanBuilder:
                 res = node.args[0]
                 if not isinstance(res, torch.fx.Node) or res not in self.index:
                     raise NotImplementedError(
-                        "models whose output is not a single tensor (tuples, dicts) are not "
-                        "supported"
+                        "models whose output is not a single tensor (tuples, dicts) are not supported"
                     )
                 out_index = self.index[res]
             else:
@@ -717,9 +705,7 @@ class _PlanBuilder:
             if getattr(m, "return_indices", False):
                 raise _unsupported("max-pool with return_indices=True", path)
             if isinstance(m, nn.MaxPool2d):
-                self.maxpool(
-                    node, path, parent, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-                )
+                self.maxpool(node, path, parent, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
             else:
                 self.maxpool(node, path, parent, None, None, 0, 1, False, adaptive=m.output_size)
         elif isinstance(m, nn.AvgPool2d):
@@ -735,9 +721,7 @@ class _PlanBuilder:
                 m.divisor_override,
             )
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            self.avgpool(
-                node, path, parent, None, None, 0, False, True, None, adaptive=m.output_size
-            )
+            self.avgpool(node, path, parent, None, None, 0, False, True, None, adaptive=m.output_size)
         elif isinstance(
             m,
             (
@@ -755,9 +739,7 @@ class _PlanBuilder:
         elif isinstance(m, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
             self.fixed(node, path, parent, 1.0, type(m).__name__)
         elif isinstance(m, nn.Softmax):
-            self.add(
-                node, Step(name=path, op="softmax", const=0.5, params={"dim": m.dim}), [parent]
-            )
+            self.add(node, Step(name=path, op="softmax", const=0.5, params={"dim": m.dim}), [parent])
         else:
             raise _unsupported(
                 f"module {type(m).__name__}",
@@ -834,9 +816,7 @@ class _PlanBuilder:
             wnode = _arg(node, 1, "weight", None)
             if isinstance(wnode, torch.fx.Node) and wnode.op == "get_attr":
                 path = str(wnode.target).rsplit(".", 1)[0]
-            self.linear(
-                node, path, parent, self.const_value(wnode), "linear", self.shape(parent)[1:], {}
-            )
+            self.linear(node, path, parent, self.const_value(wnode), "linear", self.shape(parent)[1:], {})
         elif fn is F.batch_norm:
             parent = self.unary(node, path, name)
             if bool(_arg(node, 5, "training", False)):
@@ -910,16 +890,12 @@ class _PlanBuilder:
         elif fn is F.pad:
             mode = _arg(node, 2, "mode", "constant")
             if mode != "constant":
-                raise _unsupported(
-                    f"F.pad(mode={mode!r})", path, "only constant padding is certified"
-                )
+                raise _unsupported(f"F.pad(mode={mode!r})", path, "only constant padding is certified")
             self.fixed(node, path, self.unary(node, path, name), 1.0, "pad")
         elif fn in _SOFTMAX_FN:
             self.add(
                 node,
-                Step(
-                    name=path, op="softmax", const=0.5, params={"dim": _arg(node, 1, "dim", None)}
-                ),
+                Step(name=path, op="softmax", const=0.5, params={"dim": _arg(node, 1, "dim", None)}),
                 [self.unary(node, path, name)],
             )
         elif fn in _RESHAPE_FUNCTIONS:
@@ -950,14 +926,10 @@ class _PlanBuilder:
         if not isinstance(weight, torch.Tensor):
             raise _unsupported(f"{kind} with a non-tensor weight", path)
         w = weight.detach()
-        step = Step(
-            name=path, op="linear", kind=kind, in_shape=tuple(in_shape), params={"weight": w, **cfg}
-        )
+        step = Step(name=path, op="linear", kind=kind, in_shape=tuple(in_shape), params={"weight": w, **cfg})
         if kind == "conv":
             if w.ndim != 4 or len(in_shape) != 3:
-                raise _unsupported(
-                    f"a {w.ndim - 2}-d convolution", path, "only Conv2d is supported"
-                )
+                raise _unsupported(f"a {w.ndim - 2}-d convolution", path, "only Conv2d is supported")
         self.add(node, step, [parent])
         self.finish_linear(step)
 
@@ -1017,21 +989,15 @@ class _PlanBuilder:
                 _pool_1d_windows(W, kw, sw, pw, dw, ceil_mode),
             )
         if (len(wins[0]), len(wins[1])) != tuple(out_hw):
-            raise RuntimeError(
-                f"max-pool window model disagrees with PyTorch's output size at {path!r}"
-            )
+            raise RuntimeError(f"max-pool window model disagrees with PyTorch's output size at {path!r}")
         m = pool_window_multiplicity(wins[0], H) * pool_window_multiplicity(wins[1], W)
-        step = Step(
-            name=path, op="maxpool", const=math.sqrt(m), params={"windows": wins, "multiplicity": m}
-        )
+        step = Step(name=path, op="maxpool", const=math.sqrt(m), params={"windows": wins, "multiplicity": m})
         self.add(node, step, [parent])
 
     def avgpool(self, node, path, parent, k, s, p, ceil_mode, cip, div, adaptive=None) -> None:  # noqa: ANN001
         in_shape = self.shape(parent)
         H, W = in_shape[-2:]
-        norm, (Ah, Aw) = avg_pool_norm(
-            (H, W), k, s, p, ceil_mode, cip, div, adaptive_output=adaptive
-        )
+        norm, (Ah, Aw) = avg_pool_norm((H, W), k, s, p, ceil_mode, cip, div, adaptive_output=adaptive)
         # check the separable model against PyTorch itself on a random input
         g = torch.Generator().manual_seed(0)
         x = torch.rand(1, 1, H, W, generator=g, dtype=torch.float64)
@@ -1040,9 +1006,7 @@ class _PlanBuilder:
         else:
             ref = F.avg_pool2d(x, k, s if s not in (None, [], ()) else k, p, ceil_mode, cip, div)
         mine = Ah @ x[0, 0] @ Aw.T
-        if mine.shape != ref.shape[-2:] or not torch.allclose(
-            mine, ref[0, 0], rtol=1e-10, atol=1e-12
-        ):
+        if mine.shape != ref.shape[-2:] or not torch.allclose(mine, ref[0, 0], rtol=1e-10, atol=1e-12):
             raise RuntimeError(f"average-pool model disagrees with PyTorch at {path!r}")
         self.fixed(node, path, parent, norm, "avgpool")
 
@@ -1052,9 +1016,7 @@ class _PlanBuilder:
         if dim is None:
             n = math.prod(shape[1:]) if len(shape) > 1 else 1
             if len(shape) > 0 and name in ("mean", "sum"):
-                raise _unsupported(
-                    f"{name}() over all axes (it mixes the samples of a batch)", path
-                )
+                raise _unsupported(f"{name}() over all axes (it mixes the samples of a batch)", path)
         else:
             dims = [dim] if isinstance(dim, int) else list(dim)
             dims = [d % len(shape) for d in dims]
@@ -1081,8 +1043,7 @@ class _PlanBuilder:
             raise _unsupported(
                 f"indexing with {idx!r}",
                 path,
-                "only slices and integers after the "
-                "batch axis are certified (a projection, constant 1)",
+                "only slices and integers after the batch axis are certified (a projection, constant 1)",
             )
         self.fixed(node, path, parent, 1.0, "getitem")
 
@@ -1130,9 +1091,7 @@ class _PlanBuilder:
             raise _unsupported(f"{what} that broadcasts the signal", path)
         if c.ndim >= len(out_shape) and c.ndim > 0 and c.shape[0] != 1:
             raise _unsupported(f"{what} by a tensor with a batch axis", path)
-        step = Step(
-            name=path, op="diag", kind=what, params={"scale": c}, const=float(c.abs().max())
-        )
+        step = Step(name=path, op="diag", kind=what, params={"scale": c}, const=float(c.abs().max()))
         self.add(node, step, [parent])
 
     def cat(self, node, path) -> None:  # noqa: ANN001
@@ -1178,9 +1137,7 @@ def propagate(plan: Plan, factor: Callable[[Step], float]) -> list[float]:
             logs.append(0.0)
         elif step.op == "add":
             logs.append(
-                log2_sum(
-                    [logs[i] + _log2(w) for i, w in zip(step.inputs, step.weights, strict=True)]
-                )
+                log2_sum([logs[i] + _log2(w) for i, w in zip(step.inputs, step.weights, strict=True)])
             )
         elif step.op == "cat":
             logs.append(0.5 * log2_sum([2 * logs[i] for i in step.inputs]))
@@ -1218,14 +1175,37 @@ def linear_norm_upper(weight: torch.Tensor) -> Estimate:
     bound = max(lam, 0.0) + gamma * fro2 + 10 * m * u * abs(lam)
     value = math.sqrt(bound)
     margin = value / math.sqrt(lam) - 1 if lam > 0 else math.inf
-    return Estimate(
-        value, "upper", "gram-eigh", extra={"margin": margin, "shape": tuple(weight.shape)}
+    return Estimate(value, "upper", "gram-eigh", extra={"margin": margin, "shape": tuple(weight.shape)})
+
+
+_NORM_CACHE: dict[tuple, Estimate] = {}
+_NORM_CACHE_SIZE = 512
+
+
+def _layer_key(step: Step, method: str) -> tuple:
+    """Identifies a layer norm by the bytes of its (folded) weight, its configuration and input."""
+    w = step.params["weight"].detach().cpu().contiguous()
+    digest = hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest()
+    cfg = tuple(
+        (k, str(step.params[k])) for k in ("stride", "padding", "dilation", "groups") if k in step.params
     )
+    return (method, step.kind, tuple(w.shape), str(w.dtype), digest, cfg, tuple(step.in_shape))
 
 
-def _default_norm(step: Step) -> Estimate:
-    """Certified layer norm: ``operator_norm(method="fft")`` for convs; for linear layers the exact
-    ``method="dense"`` up to ``DENSE_MAX_ENTRIES`` weights and :func:`linear_norm_upper` above."""
+def cached_layer_norm(step: Step, method: str, compute: Callable[[Step], Estimate]) -> Estimate:
+    """``compute(step)``, memoised on the weight bytes, layer configuration, input shape and method
+    (conv norms at 224 x 224 take seconds to minutes; the same layer recurs across calls)."""
+    key = _layer_key(step, method)
+    hit = _NORM_CACHE.get(key)
+    if hit is None:
+        hit = compute(step)
+        if len(_NORM_CACHE) >= _NORM_CACHE_SIZE:
+            _NORM_CACHE.pop(next(iter(_NORM_CACHE)))
+        _NORM_CACHE[key] = hit
+    return hit
+
+
+def _certified_norm(step: Step) -> Estimate:
     from sensitivity_lib.opnorm import DENSE_MAX_ENTRIES, operator_norm
 
     if step.kind == "conv":
@@ -1237,6 +1217,13 @@ def _default_norm(step: Step) -> Estimate:
     if not est.is_certified_upper:
         raise RuntimeError(f"the layer norm at {step.name!r} is {est.kind!r}, not certified")
     return est
+
+
+def _default_norm(step: Step) -> Estimate:
+    """Certified layer norm: ``operator_norm(method="fft")`` for convs; for linear layers the exact
+    ``method="dense"`` up to ``DENSE_MAX_ENTRIES`` weights and :func:`linear_norm_upper` above.
+    Memoised by :func:`cached_layer_norm`."""
+    return cached_layer_norm(step, "certified", _certified_norm)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()

@@ -345,3 +345,14 @@ def test_rounding_flip_bits_against_a_direct_loop():
     # the certified t_min from E1 is never below what rounding needs
     t_min = C.min_input_bits(C.global_condition(lin, x).extra["log2"], lin(x).detach())
     assert bool((t_min >= got.double()).all())
+
+
+def test_kink_fractions_count_ties_and_kinks():
+    net = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2, 2)).double().eval()
+    x = torch.tensor(
+        [[[[0.0, 0.0, 1.0, 2.0], [0.0, -1.0, 3.0, 3.0], [5.0, 1.0, 0.5, 0.2], [0.1, 0.3, 0.4, 0.0]]]]
+    )
+    k = C.kink_fractions(net, x.double())
+    # relu inputs exactly at 0: 4 of 16; windows with a tied maximum: the first (0, 0, 0, relu(-1)=0)
+    # and the second (1, 2, 3, 3) -> 2 of 4
+    assert float(k["0"][0]) == pytest.approx(4 / 16) and float(k["1"][0]) == pytest.approx(2 / 4)
