@@ -89,6 +89,7 @@ __all__ = [
     "max_amplification",
     "rounding_flip_bits",
     "kink_fractions",
+    "layerwise_condition",
     "operator_norm",
 ]
 
@@ -528,6 +529,48 @@ def global_condition(
         norm="2",
         extra={"log2": log2, "lipschitz": L, "x_norm": xn, "f_norm": fn, "output": output},
     )
+
+
+def layerwise_condition(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-layer relative bounds ``kappa_l = L_l ||x_{l-1}|| / ||x_l||`` along a chain network.
+
+    ``L_l`` is the certified constant of layer ``l`` (as in
+    :func:`~sensitivity_lib.lipschitz.lipschitz_bound`, BN folded) and ``x_l`` its output at ``x``.
+    Each ``kappa_l`` bounds the relative condition number of that layer at its input; their product
+    telescopes to E1: ``prod_l kappa_l = (prod_l L_l) ||x|| / ||f(x)||`` (digest, eq. 4.1), the
+    "product of per-layer condition numbers".
+
+    Parameters
+    ----------
+    model, x
+        As in :func:`global_condition` (logits).
+
+    Returns
+    -------
+    dict
+        Layer path -> float64 tensor (N,), in the order of the layers.
+
+    Raises
+    ------
+    NotImplementedError
+        For a network with additions or concatenations (not a chain).
+    """
+    _check_batch(model, x)
+    plan = build_plan(model, tuple(x.shape[1:]))
+    for st in plan.steps:
+        if st.op in ("add", "cat") or st.users > 1:
+            raise NotImplementedError(f"layerwise_condition needs a chain network; {st.name!r} is a {st.op}")
+    keep = {st.node for st in plan.steps}
+    rec = _Recorder(plan.gm, set(), keep=lambda n: n in keep)
+    with torch.no_grad():
+        rec.run(x.detach())
+    out: dict[str, torch.Tensor] = {}
+    for st in plan.steps[1:]:
+        c = float(_default_norm(st).value) if st.op == "linear" else st.const
+        n_in = _norms(rec.values[plan.steps[st.inputs[0]].node])
+        n_out = _norms(rec.values[st.node])
+        out[st.name] = c * n_in / n_out
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ __all__ = [
     "pool_window_multiplicity",
     "avg_pool_norm",
     "linear_norm_upper",
+    "build_plan",
+    "Plan",
+    "Step",
 ]
 
 OUTPUTS: tuple[str, ...] = ("logits", "probs")
@@ -1307,6 +1310,7 @@ def lipschitz_product(
             "folded": folded,
             "output": output,
             "input_shape": tuple(input_shape),
+            "cumulative_log2": [(st.name, st.op, lg) for st, lg in zip(plan.steps, logs, strict=True)],
         },
     )
 
@@ -1343,7 +1347,9 @@ def lipschitz_bound(
         ``method="graph-product(fft)"``;
         ``extra["log2"]``: the bound in bits (float64), ``extra["layers"]``: module path -> constant
         of that operation, ``extra["layer_estimates"]``: the conv / linear norm estimates,
-        ``extra["folded"]``: conv path -> folded BN path.
+        ``extra["folded"]``: conv path -> folded BN path; ``extra["cumulative_log2"]``: for every
+        step of the graph in order, ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to
+        that node.
 
     Raises
     ------

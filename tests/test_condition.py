@@ -356,3 +356,27 @@ def test_kink_fractions_count_ties_and_kinks():
     # relu inputs exactly at 0: 4 of 16; windows with a tied maximum: the first (0, 0, 0, relu(-1)=0)
     # and the second (1, 2, 3, 3) -> 2 of 4
     assert float(k["0"][0]) == pytest.approx(4 / 16) and float(k["1"][0]) == pytest.approx(2 / 4)
+
+
+def test_layerwise_condition_telescopes_to_e1():
+    torch.manual_seed(10)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(), nn.Linear(27, 5), nn.Tanh(), nn.Linear(5, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.rand(4, 1, 7, 7, dtype=torch.float64)
+    k = C.layerwise_condition(net, x)
+    assert list(k) == ["0", "2", "3", "4", "5", "6", "7"]  # BN folded into the conv
+    # each factor is L_l ||x_{l-1}|| / ||x_l||, checked on the first layer directly
+    conv_out = net[1](net[0](x)).detach()
+    L0 = L.lipschitz_bound(net, (1, 7, 7)).extra["layers"]["0"]
+    assert torch.allclose(k["0"], L0 * x.flatten(1).norm(dim=1) / conv_out.flatten(1).norm(dim=1))
+    prod = torch.stack(list(k.values())).prod(0)
+    assert torch.allclose(prod, C.global_condition(net, x).value, rtol=1e-12)
+
+    class Res(nn.Module):
+        def forward(self, z):
+            return z + torch.tanh(z)
+
+    with pytest.raises(NotImplementedError, match="chain"):
+        C.layerwise_condition(Res(), x)
