@@ -550,3 +550,21 @@ def test_several_modes_from_one_jacobian(net, x, wrt):
         assert both[m].extra["input_scale"] == one.extra["input_scale"]
     with pytest.raises(ValueError, match="mode must be"):
         fi(net, x, wrt=wrt, mode=("exact", "fast"))
+
+
+def test_flip_top_pixels_flips_the_highest_scores_first(net, x):
+    score = torch.zeros_like(x)
+    score[:, 0, 2, 3] = 5.0
+    score[:, 1, 0, 0] = 4.0
+    out = influence.flip_top_pixels(net, x, score, ks=(0, 1, 2))
+    assert out["drop"].shape == (3, len(x)) and (out["drop"][0] == 0).all()
+    for k, coords in ((1, [(0, 2, 3)]), (2, [(0, 2, 3), (1, 0, 0)])):
+        xx = x.clone()
+        for c, h, w in coords:
+            xx[:, c, h, w] = 1 - x[:, c, h, w]
+        lp = torch.log_softmax(net(x), -1)
+        y = lp.argmax(-1)
+        want = lp.gather(1, y[:, None])[:, 0] - torch.log_softmax(net(xx), -1).gather(1, y[:, None])[:, 0]
+        assert torch.allclose(out["drop"][k], want.detach(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="shape of x"):
+        influence.flip_top_pixels(net, x, score[:1], ks=(1,))
