@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 
 def _dense(conv, shape) -> float:
-    return operator_norm(conv, shape, "dense").value
+    return operator_norm(conv, shape, "dense", max_dense=2**24).value  # the oracle may be large
 
 
 @st.composite
