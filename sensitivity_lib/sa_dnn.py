@@ -177,13 +177,17 @@ class SADenseNet121(nn.Module):
         c = 2 * growth
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1), _bn(c), nn.ReLU())
         parts: list[nn.Module] = []
+        #: for each entry of ``features``: the index of its dense block, or -1 for a transition
+        self.block_index: list[int] = []
         for i, n in enumerate(blocks):
             for _ in range(n):
                 parts.append(_DenseLayer(c, growth, dropout))
+                self.block_index.append(i)
                 c += growth
             if i < len(blocks) - 1:
                 c_out = int(c * reduction)
                 parts.append(_Transition(c, c_out, dropout))
+                self.block_index.append(-1)
                 c = c_out
         self.features = nn.Sequential(*parts)
         self.head = nn.Sequential(_bn(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -39,6 +39,7 @@ def test_full_width_parameter_count_matches_the_keras_model():
     mnist = sa_resnet50(1, 10)
     assert count(net) - count(mnist) == 64 * 2 * 3 * 3  # only the stem sees the extra channels
     dn = sa_densenet121(3, 10)
+    assert dn.block_index.count(-1) == 3 and [dn.block_index.count(b) for b in range(4)] == [6, 12, 24, 16]
     assert dn.fc.in_features == 1024  # 64 + 32 * (6, 12, 24, 16) with compression 0.5
 
 
