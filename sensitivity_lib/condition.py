@@ -32,7 +32,7 @@ Variants (relative condition number ``kappa(x) = ||J(x)|| ||x|| / ||f(x)||``)
 
 Also: :func:`jacobian_norm` (the absolute ``||J(x)||_2``), :func:`clever_l2` (ART's CLEVER score,
 an empirical robustness estimate), :func:`min_input_bits` and :func:`round_significand` (bit-width
-arithmetic of the digest, section 4.3), and :func:`operator_norm` re-exported from
+arithmetic of the digest, section 4.3), and ``operator_norm`` re-exported from
 :mod:`sensitivity_lib.opnorm`.
 
 Example
@@ -71,7 +71,7 @@ from sensitivity_lib.lipschitz import (
     lipschitz_product,
     pool_window_multiplicity,
 )
-from sensitivity_lib.opnorm import operator_norm
+from sensitivity_lib.opnorm import operator_norm  # noqa: F401 - re-exported (documented in opnorm)
 from sensitivity_lib.results import Estimate
 
 __all__ = [
@@ -90,7 +90,6 @@ __all__ = [
     "rounding_flip_bits",
     "kink_fractions",
     "layerwise_condition",
-    "operator_norm",
 ]
 
 LN2 = math.log(2.0)
@@ -442,7 +441,7 @@ def local_condition(
     -------
     Estimate
         ``value`` float64 (N,), ``kind="lower"`` (errs low by at most the solver tolerance);
-        ``extra``: ``log2`` (bits lost), ``jacobian_norm`` (the :class:`Estimate` of ``||J||``),
+        ``extra``: ``log2`` (bits lost), ``jacobian_norm`` (the Estimate of ``||J||``),
         ``x_norm``, ``f_norm``, and ``right`` (the worst input direction) when ``vectors=True``.
     """
     J = jacobian_norm(
@@ -488,7 +487,7 @@ def global_condition(
     output: str = "logits",
     lipschitz: Estimate | None = None,
 ) -> Estimate:
-    """E1: ``L ||x|| / ||f(x)||`` with ``L`` the certified bound of :func:`lipschitz_bound`.
+    """E1: ``L ||x|| / ||f(x)||`` with ``L`` from :func:`~sensitivity_lib.lipschitz.lipschitz_bound`.
 
     For every perturbation ``dx`` (any size):
     ``||f(x+dx) - f(x)|| / ||f(x)|| <= value * ||dx|| / ||x||``; equal to the product of per-layer

@@ -17,7 +17,7 @@ Shapes
     ``input_shape`` is the shape of ONE sample, e.g. ``(C, H, W)``, without the batch axis.
 
 How it works
-    The model is traced with :func:`torch.fx.symbolic_trace` and run once on an example input, which
+    The model is traced with ``torch.fx.symbolic_trace`` and run once on an example input, which
     gives every node its real shape. Every node ``v`` of the graph then gets a constant ``L_v`` with
     ``||v(x) - v(y)|| <= L_v ||x - y||`` for all inputs ``x, y``:
 
@@ -207,9 +207,9 @@ def avg_pool_norm(
     in_hw
         ``(H, W)`` of the pool's input.
     kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
-        As in :func:`torch.nn.functional.avg_pool2d` (ignored when ``adaptive_output`` is given).
+        As in ``torch.nn.functional.avg_pool2d`` (ignored when ``adaptive_output`` is given).
     adaptive_output
-        ``output_size`` of :func:`torch.nn.functional.adaptive_avg_pool2d` instead.
+        ``output_size`` of ``torch.nn.functional.adaptive_avg_pool2d`` instead.
 
     Returns
     -------
