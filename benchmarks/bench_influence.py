@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -56,7 +57,8 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="random weights (no training)")
     ap.add_argument("--width", type=int, default=8, help="ResNet width (book: 8, paper: 64)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SENSITIVITY_THREADS", "0")),
+                    help="torch threads (default: $SENSITIVITY_THREADS, else torch's default)")
     ap.add_argument("--n", type=int, default=64, help="images for ours")
     ap.add_argument("--n-naive", type=int, default=4, help="images for the naive loop")
     args = ap.parse_args()
