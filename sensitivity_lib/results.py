@@ -3,7 +3,7 @@
 A norm, a condition number or an influence value is rarely just a float: it is *exact*, a
 *certified upper bound*, a *lower estimate* (e.g. a power iteration stopped early), or a plain
 *estimate*; it came from some method after some iterations with some residual. Every measure in
-:mod:`sensitivity_lib` returns one of these instead of a bare float.
+``sensitivity_lib`` returns one of these instead of a bare float.
 
 Example
 -------
