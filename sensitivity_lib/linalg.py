@@ -283,10 +283,12 @@ def lanczos(
         Starting vector (any shape; with ``batched=True`` its first dimension indexes problems).
     tol
         Requested relative accuracy of the eigenvalue. The iteration stops when the top Ritz value
-        changed by at most ``tol / 4`` (relative) over the last two iterations and the Ritz residual
+        changed by at most ``tol / 16`` (relative) over the last two iterations and the Ritz residual
         estimate ``beta_k |s_k|`` is at most ``sqrt(tol)`` times the value; or when ``upper`` is
         given and ``(upper - value) / value <= tol`` (a certified stop); or when the Krylov space
-        becomes invariant (exact answer).
+        becomes invariant (exact answer). The first rule is a heuristic: on the continuous spectra
+        of convolutions (no gap at the top) the remaining error was measured at up to 12 times the
+        last two-step change, hence the factor 16.
     max_iter
         Maximum number of applications of ``matvec``.
     max_basis
@@ -352,7 +354,7 @@ def lanczos(
             invariant = wn <= 10 * eps * alpha[:, : j + 1].abs().amax(1).clamp_min(1e-300)
             done = invariant.clone()
             if len(theta_hist) >= 3:
-                small_change = (theta - theta_hist[-3]).abs() <= 0.25 * tol * scale
+                small_change = (theta - theta_hist[-3]).abs() <= tol * scale / 16
                 done |= small_change & (ritz_res <= math.sqrt(tol) * scale)
             if up is not None:
                 done |= (up - theta) <= tol * scale
@@ -417,7 +419,7 @@ def top_singular_value(
     tol: float = 1e-6,
     max_iter: int = 300,
     upper: float | None = None,
-    check: tuple[Operator, Operator] | None = None,
+    check: tuple[Operator, Operator | None] | None = None,
     batched: bool = False,
 ) -> TopSingular:
     """Largest singular value of a linear map from its forward and adjoint.
@@ -438,13 +440,16 @@ def top_singular_value(
     method
         ``"lanczos"`` (default) or ``"power"``.
     tol, max_iter
-        As in :func:`lanczos`; ``tol`` is the relative accuracy requested for ``sigma^2``.
+        ``tol`` is the relative accuracy requested for ``sigma``: the eigen-iteration on ``B^T B``
+        runs with ``2 tol`` (the relative error of ``sigma^2`` is twice that of ``sigma``).
     upper
-        Optional certified upper bound on ``sigma_max(B)`` (certified stopping rule).
+        Optional certified upper bound on ``sigma_max(B)``: also stop once
+        ``(upper - sigma) / sigma <= tol`` (approximately; exactly on the squares).
     check
         Optional ``(forward, adjoint)`` of a more accurate version of the map (e.g. the same map in
         float64) used for the final evaluation of ``sigma`` and the residual; the iteration itself
-        uses ``forward``.
+        uses ``forward``. With ``adjoint=None`` only ``sigma`` is evaluated accurately and the
+        residual uses the iteration's adjoint.
     batched
         Independent problems along the first dimension of ``x0``.
 
@@ -462,13 +467,13 @@ def top_singular_value(
 
     up2 = None if upper is None else torch.as_tensor(upper, dtype=torch.float64) ** 2
     run = lanczos if method == "lanczos" else power_iteration
-    r = run(gram, x0, tol=tol, max_iter=max_iter, upper=up2, batched=batched)
+    r = run(gram, x0, tol=2 * tol, max_iter=max_iter, upper=up2, batched=batched)
     fwd, adj = check if check is not None else (forward, adjoint)
     v = r.vector
     if check is not None:
         v = v.double()
     bv = fwd(v)
-    btbv = adj(bv)
+    btbv = adj(bv) if adj is not None else adjoint(bv.to(r.vector.dtype)).double()
     if batched:
         nb = v.shape[0]
         vf, bvf, gf = v.reshape(nb, -1).double(), bv.reshape(nb, -1).double(), btbv.reshape(nb, -1)

@@ -19,7 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sensitivity_lib.opnorm import conv_operator, operator_norm
+from sensitivity_lib.opnorm import conv_operator, multiscale_start, operator_norm, symbol_start
 from sensitivity_lib.results import Estimate
 
 torch.set_num_threads(1)
@@ -311,3 +311,53 @@ def test_errors():
         operator_norm(conv, (3, 0, 8))
     with pytest.raises(ValueError, match="init"):
         operator_norm(conv, (3, 8, 8), "lanczos", init=torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(stride=2), dict(dilation=2, padding=2, groups=2), dict(padding_mode="circular")],
+)
+def test_warm_starts_are_close_to_the_top_and_lanczos_stays_below(kwargs):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 3, **(dict(padding=1) | kwargs)).double()
+    shape = (4, 24, 24)
+    exact = operator_norm(conv, shape, "dense", max_dense=2**24).value
+    for start in (symbol_start(conv, shape), multiscale_start(conv, shape, min_size=8)):
+        assert start.shape == shape and math.isclose(float(start.norm()), 1.0, rel_tol=1e-12)
+        rq = float(conv_operator(conv, shape).forward(start[None]).norm())
+        assert 0.9 * exact <= rq <= exact * (1 + 1e-12)
+        r = operator_norm(conv, shape, "lanczos", tol=1e-8, init=start)
+        assert r.value <= exact * (1 + 1e-12) and r.extra["init"] == "given"
+        if conv.padding_mode == "zeros":
+            assert r.value >= exact * (1 - 1e-4)
+        # circular padding: a wave at a grid frequency is an exact singular vector, and a start on
+        # the wrong peak can make Lanczos settle there (why the default start there is random)
+
+
+def test_default_start_is_multiscale_only_on_large_inputs():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    assert operator_norm(conv, (2, 120, 120), "lanczos").extra["init"] == "multiscale"
+    assert operator_norm(conv, (2, 60, 60), "lanczos").extra["init"] == "random"
+    assert operator_norm(nn.Linear(50, 40), (50,), "lanczos").extra["init"] == "random"
+    with pytest.raises(ValueError, match="too small"):
+        multiscale_start(conv, (2, 60, 60))
+    with pytest.raises(ValueError, match="init must be"):
+        operator_norm(conv, (2, 20, 20), "lanczos", init="fft")
+    with pytest.raises(ValueError, match="input shape"):
+        operator_norm(conv, (2, 20, 20), "lanczos", init=torch.ones(2, 20, 21))
+
+
+def test_fft_with_a_lower_bound_is_certified_and_tight():
+    torch.manual_seed(0)
+    for mode, shape in (("zeros", (6, 20, 20)), ("circular", (6, 12, 12))):
+        conv = nn.Conv2d(6, 8, 3, padding=1, padding_mode=mode).double()
+        exact_fft = operator_norm(conv, shape, "fft").value  # eigenvalue per frequency
+        lower = operator_norm(conv, shape, "lanczos", tol=1e-8).value
+        for slack in (1e-3, 1e-2):
+            cert = operator_norm(conv, shape, "fft", lower=lower, tol=slack)
+            assert cert.kind == "upper"
+            assert cert.value >= exact_fft * (1 - 1e-12)
+            assert cert.value <= (1 + slack) * max(exact_fft, lower * (1 + slack)) * (1 + 1e-9)
+        # a lower bound far too small: every frequency fails first, the threshold is raised
+        cert = operator_norm(conv, shape, "fft", lower=0.5 * lower, tol=1e-3)
+        assert exact_fft * (1 - 1e-12) <= cert.value
