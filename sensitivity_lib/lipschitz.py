@@ -63,7 +63,7 @@ Example
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(3, 3, bias=False), nn.ReLU()).eval()
 >>> with torch.no_grad():
-...     net[0].weight.copy_(torch.diag(torch.tensor([2.0, 1.0, 0.5])))
+...     _ = net[0].weight.copy_(torch.diag(torch.tensor([2.0, 1.0, 0.5])))
 >>> b = lipschitz_bound(net, (3,))
 >>> b.kind, round(b.value, 6), round(b.extra["log2"], 6)
 ('upper', 2.0, 1.0)
