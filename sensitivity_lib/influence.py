@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -368,13 +369,55 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 # --------------------------------------------------------------------------------------------
 
 
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """Identity and in-place version of every tensor of ``model`` (changes when it is trained)."""
+    ts = list(model.parameters()) + list(model.buffers())
+    return tuple((id(t), t._version, t.dtype, t.device) for t in ts) + (
+        tuple(m.training for m in model.modules()),
+    )
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    """``model`` with each batch norm folded into the convolution before it (eval mode only).
+
+    Input Jacobians of the folded copy equal the model's up to rounding (the map is the same
+    affine composition), and a backward pass through it skips every batch-norm node: about 1.5x
+    faster for the book's ResNets. Uses :func:`torch.fx.experimental.optimization.fuse`; a model
+    that torch.fx cannot trace, or one without batch norm, is returned as it is. The copy is
+    cached while the model's tensors are unchanged (any in-place update, e.g. a training step,
+    invalidates it).
+    """
+    if model.training or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return model
+    key = _state_key(model)
+    hit = _FUSED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        with torch.no_grad():
+            fused = fuse(model).eval()
+    except Exception:  # noqa: BLE001 - not traceable: fall back to the model itself
+        fused = model
+    _FUSED[model] = (key, fused)
+    return fused
+
+
 def _input_jacobian(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(B, C)`` and ``J[b, k] = d z_k(x_b) / d x_b``, ``(B, C, *x.shape[1:])``.
 
     In eval mode the images do not interact, so the gradient of ``sum_b z_k(x_b)`` holds every
     image's row ``k``: C backward passes (input gradients only) serve the whole batch. (A single
-    ``is_grads_batched`` pass gives the same numbers but was 1.4-3x slower on CPU.)
+    ``is_grads_batched`` pass gives the same numbers but was 1.4-3x slower on CPU.) Batch norms
+    are folded into their convolutions first (:func:`_inference_copy`).
     """
+    model = _inference_copy(model)
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = model(xg)

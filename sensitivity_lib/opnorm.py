@@ -115,6 +115,9 @@ __all__ = [
     "ConvOperator",
     "symbol_start",
     "multiscale_start",
+    "conv_layers",
+    "layer_norms",
+    "LayerNorm",
     "METHODS",
     "DENSE_MAX_ENTRIES",
 ]
@@ -428,14 +431,16 @@ def _circular_norm(
     ``max(t, exact value)`` (up to a rounding margin) that avoids most eigenvalue problems: a
     Cholesky factorisation of ``t^2 I - K_hat^H K_hat`` succeeds exactly when every eigenvalue is
     below ``t^2`` (a positive definite matrix), and costs a fraction of an eigen-decomposition.
-    Where it fails the threshold is raised by factors ``(1 + slack)`` until it succeeds (at most
-    40 times, then the eigenvalue problem is solved exactly), so the bound is within a factor
-    ``1 + slack`` of ``max(t, exact value)``. The margin follows the backward error
+    Where it fails, the largest eigenvalue is bracketed between ``t^2`` and the trace (an upper
+    bound) and the bracket is bisected in log scale with further Cholesky tests until it is
+    narrower than ``(1 + slack)^2``, so the bound is within a factor ``1 + slack`` of
+    ``max(t, exact value)``, with no eigenvalue problem at all. The margin follows the backward error
     of Cholesky (``R^H R = A + E``, ``||E|| <= gamma_{n+1} tr(A)``) and of the Gram product, both
     ``O(n^2 u)`` relative with ``u = 2^-53``.
 
     Returns the value, the maximising (frequency index, group) (``None`` if every frequency was
-    certified below the threshold) and the number of frequencies solved exactly.
+    certified below the threshold) and the number of frequencies solved by an eigenvalue problem
+    (zero with a threshold).
     """
     kp = _polyphase_kernel(w.double(), stride, dilation, grid)
     mh, mw = kp.shape[-2:]
@@ -449,7 +454,7 @@ def _circular_norm(
     best, arg, n_exact = -1.0, None, 0
     mu = None if threshold is None else threshold**2
     ratio = (1 + slack) ** 2
-    certified_top = best_level = 0.0
+    certified_top = 0.0
     certified = False
     for start in range(0, nf, per):
         blk = khat[start : start + per]
@@ -467,23 +472,27 @@ def _circular_norm(
             fail = torch.arange(gram.shape[0])
         if fail.numel() == 0:
             continue
-        if mu is not None:  # raise the threshold by factors (1 + slack)^2 for the failures
-            level = mu
-            for _ in range(40):
-                level = level * ratio
-                _, info = torch.linalg.cholesky_ex(level * eye - gram[fail])
-                ok = info == 0
-                if bool(ok.any()):
-                    certified_top = max(certified_top, level)
-                    if level > best_level:
-                        best_level = level
-                        f, gi = divmod(int(fail[int(torch.nonzero(ok)[0])]), groups)
-                        arg = (divmod(start + f, mw // 2 + 1), gi)
-                fail = fail[~ok]
-                if fail.numel() == 0:
+        if mu is not None:  # bisect (in log scale) between mu and the trace, by Cholesky tests
+            sub = gram[fail]
+            lo = torch.full((len(fail),), mu, dtype=torch.float64)
+            hi = torch.diagonal(sub, dim1=-2, dim2=-1).real.sum(-1).double() * (1 + margin)
+            hi = torch.maximum(hi, lo * ratio)
+            for _ in range(64):
+                open_ = hi > lo * ratio
+                if not bool(open_.any()):
                     break
-            if fail.numel() == 0:
-                continue
+                t = torch.sqrt(lo * hi)
+                eye = torch.eye(n_small, dtype=sub.dtype)
+                _, info = torch.linalg.cholesky_ex(t[open_, None, None].to(sub.dtype) * eye - sub[open_])
+                ok = info == 0
+                hi[open_] = torch.where(ok, t[open_], hi[open_])
+                lo[open_] = torch.where(ok, lo[open_], t[open_])
+            top, i = hi.max(0)
+            if float(top) > certified_top:
+                certified_top = float(top)
+                f, gi = divmod(int(fail[int(i)]), groups)
+                arg = (divmod(start + f, mw // 2 + 1), gi)
+            continue
         n_exact += int(fail.numel())
         sub = gram[fail]
         if n_small == 1:
@@ -1004,8 +1013,8 @@ def operator_norm(
     lower
         A known lower bound on the norm (e.g. from ``method="lanczos"``) for ``method="fft"``:
         instead of an eigenvalue problem per frequency it certifies, by one Cholesky factorisation
-        per frequency, that every frequency is below ``lower * (1 + tol)``, and solves exactly
-        those where that fails by raising the threshold in steps of ``1 + tol``. The result is a
+        per frequency, that every frequency is below ``lower * (1 + tol)``, and brackets those
+        where that fails by bisection with further Cholesky tests. The result is a
         certified upper bound no larger than ``(1 + tol) max(circular norm, lower * (1 + tol))``
         (up to a ~1e-10 rounding margin), never ``"exact"``. Much faster for wide layers.
     fft_grids
@@ -1058,3 +1067,119 @@ def operator_norm(
         residual=est.residual,
         extra=extra,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# every layer of a network
+
+
+def conv_layers(
+    model: nn.Module, input_shape: Sequence[int], *, linear: bool = False
+) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """The ``nn.Conv2d`` (and optionally ``nn.Linear``) layers of ``model`` with their input shapes.
+
+    Runs one forward pass on zeros of shape ``(1, *input_shape)`` with forward hooks.
+
+    Parameters
+    ----------
+    model
+        Any module (e.g. a :class:`sensitivity_lib.zoo.Normalized` model, which takes [0, 1]
+        pixels; the shapes are those its layers see).
+    input_shape
+        ``(C, H, W)`` of one input.
+    linear
+        Also list the ``nn.Linear`` layers.
+
+    Returns
+    -------
+    list of (name, layer, input_shape)
+        In execution order; ``name`` is the module's qualified name.
+    """
+    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+    found: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, kinds):
+
+            def hook(m, inp, out, name=name):
+                found.append((name, m, tuple(inp[0].shape[1:])))
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """Norm of one layer of a network: a lower estimate, a certified upper bound, their costs.
+
+    Attributes
+    ----------
+    name, input_shape
+        The module name and the input shape the layer sees.
+    lower
+        :func:`operator_norm` with ``"lanczos"`` (kind ``"lower"``).
+    upper
+        :func:`operator_norm` with ``"fft"`` and ``lower`` (kind ``"upper"``), or ``None``.
+    seconds_lower, seconds_upper
+        Wall-clock seconds of each.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    lower: Estimate
+    upper: Estimate | None
+    seconds_lower: float
+    seconds_upper: float
+
+    @property
+    def gap(self) -> float:
+        """``upper / lower - 1`` (the certified relative uncertainty), ``nan`` without upper."""
+        return math.nan if self.upper is None else self.upper.value / self.lower.value - 1
+
+
+def layer_norms(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    tol: float = 1e-3,
+    certify: bool = True,
+    linear: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[LayerNorm]:
+    """Operator norm of every convolution of ``model`` at its real input size, from both sides.
+
+    For each layer from :func:`conv_layers`: a lower estimate by :func:`operator_norm` with
+    ``method="lanczos"`` and ``tol``, then (``certify=True``) a certified upper bound by
+    ``method="fft"`` with that lower value (zero or circular padding only; other layers get
+    ``upper=None``). Linear layers (``linear=True``) get ``"dense"``-exact values when small,
+    else Lanczos, and no separate upper bound.
+
+    Returns
+    -------
+    list of LayerNorm
+    """
+    import time
+
+    out = []
+    for name, layer, shape in conv_layers(model, input_shape, linear=linear):
+        t0 = time.perf_counter()
+        if isinstance(layer, nn.Linear):
+            lower = operator_norm(layer, shape, "auto", tol=tol, generator=generator)
+        else:
+            lower = operator_norm(layer, shape, "lanczos", tol=tol, generator=generator)
+        t1 = time.perf_counter()
+        upper = None
+        fft_ok = isinstance(layer, nn.Conv2d) and layer.padding_mode in ("zeros", "circular")
+        if certify and fft_ok:
+            upper = operator_norm(layer, shape, "fft", lower=lower.value, tol=tol)
+        t2 = time.perf_counter()
+        out.append(LayerNorm(name, tuple(shape), lower, upper, t1 - t0, t2 - t1))
+    return out

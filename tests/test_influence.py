@@ -568,3 +568,30 @@ def test_flip_top_pixels_flips_the_highest_scores_first(net, x):
         assert torch.allclose(out["drop"][k], want.detach(), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="shape of x"):
         influence.flip_top_pixels(net, x, score[:1], ks=(1,))
+
+
+# ------------------------------------------------------------------------------------------
+# the batch-norm-folded inference copy used for input Jacobians
+
+
+def test_inference_copy_folds_bn_and_is_invalidated_by_training():
+    model = small_cnn(3)
+    x = torch.randn(4, 2, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(0))
+    fused = influence._inference_copy(model)
+    assert fused is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # folded away
+    assert influence._inference_copy(model) is fused  # cached
+    z0, J0 = influence._input_jacobian(model, x)
+    xg = x.clone().requires_grad_(True)
+    z = model(xg)
+    J = torch.stack([torch.autograd.grad(z[:, k].sum(), xg, retain_graph=True)[0] for k in range(5)], 1)
+    assert torch.allclose(z0, z.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(J0, J, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # an in-place update (as an optimiser makes) invalidates the copy
+        model[1].weight.mul_(2.0)
+    fused2 = influence._inference_copy(model)
+    assert fused2 is not fused
+    z2, _ = influence._input_jacobian(model, x)
+    assert torch.allclose(z2, model(x), rtol=1e-12, atol=1e-12)
+    model.train()
+    assert influence._inference_copy(model) is model  # never folds in training mode

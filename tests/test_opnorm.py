@@ -19,7 +19,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sensitivity_lib.opnorm import conv_operator, multiscale_start, operator_norm, symbol_start
+from sensitivity_lib.opnorm import (
+    conv_layers,
+    conv_operator,
+    layer_norms,
+    multiscale_start,
+    operator_norm,
+    symbol_start,
+)
 from sensitivity_lib.results import Estimate
 
 torch.set_num_threads(1)
@@ -361,3 +368,26 @@ def test_fft_with_a_lower_bound_is_certified_and_tight():
         # a lower bound far too small: every frequency fails first, the threshold is raised
         cert = operator_norm(conv, shape, "fft", lower=0.5 * lower, tol=1e-3)
         assert exact_fft * (1 - 1e-12) <= cert.value
+
+
+def test_layer_norms_pins_every_layer_of_a_network_between_dense_values():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 4),
+    ).double()  # fmt: skip
+    found = conv_layers(net, (2, 10, 10), linear=True)
+    assert [(n, s) for n, _, s in found] == [("0", (2, 10, 10)), ("2", (4, 10, 10)),
+                                             ("4", (3, 5, 5)), ("6", (75,))]  # fmt: skip
+    rows = layer_norms(net, (2, 10, 10), tol=1e-6, linear=True)
+    assert [r.name for r in rows] == ["0", "2", "4", "6"]
+    for r, (_, layer, shape) in zip(rows, found, strict=True):
+        exact = operator_norm(layer, shape, "dense").value
+        assert r.lower.kind in ("lower", "exact") and r.lower.value <= exact * (1 + 1e-9)
+        assert r.lower.value >= exact * (1 - 1e-4)
+        if r.name in ("0", "2"):
+            assert r.upper.kind == "upper" and r.upper.value >= exact * (1 - 1e-9)
+            assert r.gap >= -1e-9
+        else:  # reflect padding has no FFT bound; linear layers get none either
+            assert r.upper is None and math.isnan(r.gap)
