@@ -19,15 +19,6 @@ from sensitivity_lib import condition as C
 from sensitivity_lib import lipschitz as L
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waits make 2 threads slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dense_jacobians(f, x):
     """(N, m, n) dense Jacobians of one sample's flattened output w.r.t. its flattened input."""
 

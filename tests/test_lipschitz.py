@@ -22,7 +22,7 @@ torch.set_default_dtype(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# operator_norm: the real one (helper A's opnorm) when present, else a dense stand-in
+# a dense oracle for the norm of one linear layer (tiny sizes only)
 
 
 def _dense_layer_norm(step):
@@ -35,29 +35,6 @@ def _dense_layer_norm(step):
 
     J = torch.func.jacrev(f)(torch.zeros(n, dtype=torch.float64))
     return Estimate(float(torch.linalg.matrix_norm(J, 2)), "exact", "dense")
-
-
-try:  # pragma: no cover - depends on the other module being there
-    from sensitivity_lib.opnorm import operator_norm  # noqa: F401
-
-    HAVE_OPNORM = True
-except ImportError:  # pragma: no cover
-    HAVE_OPNORM = False
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waits make 2 threads slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _layer_norms(monkeypatch):
-    if not HAVE_OPNORM:
-        monkeypatch.setattr(L, "_default_norm", _dense_layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,10 +277,9 @@ def test_per_layer_constants_are_the_dense_layer_norms(net_shape):
     est = L.lipschitz_product(net, shape, layer_norm=_dense_layer_norm, kind="upper")
     for name, e in est.extra["layer_estimates"].items():
         assert est.extra["layers"][name] == pytest.approx(float(e.value), rel=1e-12)
-    if HAVE_OPNORM:  # the certified FFT norms are upper bounds of the exact ones
-        cert = L.lipschitz_bound(net, shape, cache=False)
-        for name, e in est.extra["layer_estimates"].items():
-            assert cert.extra["layers"][name] >= float(e.value) * (1 - 1e-9)
+    cert = L.lipschitz_bound(net, shape, cache=False)  # certified FFT norms: upper bounds
+    for name, e in est.extra["layer_estimates"].items():
+        assert cert.extra["layers"][name] >= float(e.value) * (1 - 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
