@@ -1155,8 +1155,12 @@ def clever_l2(
     Estimate
         ``value`` float64 (N,), ``kind="estimate"``, ``method="clever_u"`` or ``"clever_t"``.
     """
-    from art.estimators.classification import PyTorchClassifier
-    from art.metrics import clever_t, clever_u
+    import warnings
+
+    with warnings.catch_warnings():  # ART imports tqdm.auto, which warns without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from art.estimators.classification import PyTorchClassifier
+        from art.metrics import clever_t, clever_u
 
     _check_batch(model, x)
     with torch.no_grad():

@@ -1208,10 +1208,20 @@ def cached_layer_norm(step: Step, method: str, compute: Callable[[Step], Estimat
     return hit
 
 
+#: Convolutions whose input has at least this many entries get their certified norm from a Lanczos
+#: lower estimate and a Cholesky certificate (``operator_norm(..., "fft", lower=..., tol=...)``),
+#: within a factor ``1 + CERTIFY_TOL`` of the exact circular bound and several times faster.
+CERTIFY_MIN_ENTRIES = 2**15
+CERTIFY_TOL = 1e-3
+
+
 def _certified_norm(step: Step) -> Estimate:
     from sensitivity_lib.opnorm import DENSE_MAX_ENTRIES, operator_norm
 
-    if step.kind == "conv":
+    if step.kind == "conv" and math.prod(step.in_shape) >= CERTIFY_MIN_ENTRIES:
+        lower = operator_norm(step.module, step.in_shape, method="lanczos", tol=CERTIFY_TOL)
+        est = operator_norm(step.module, step.in_shape, method="fft", lower=lower.value, tol=CERTIFY_TOL)
+    elif step.kind == "conv":
         est = operator_norm(step.module, step.in_shape, method="fft")
     elif step.module.weight.numel() <= DENSE_MAX_ENTRIES:
         est = operator_norm(step.module, (step.in_shape[-1],), method="dense")
@@ -1223,8 +1233,10 @@ def _certified_norm(step: Step) -> Estimate:
 
 
 def _default_norm(step: Step) -> Estimate:
-    """Certified layer norm: ``operator_norm(method="fft")`` for convs; for linear layers the exact
-    ``method="dense"`` up to ``DENSE_MAX_ENTRIES`` weights and :func:`linear_norm_upper` above.
+    """Certified layer norm: ``operator_norm(method="fft")`` for convs (with a Lanczos lower value
+    and Cholesky certificates for inputs of :data:`CERTIFY_MIN_ENTRIES` or more); for linear layers
+    the exact ``method="dense"`` up to ``DENSE_MAX_ENTRIES`` weights and :func:`linear_norm_upper`
+    above.
     Memoised by :func:`cached_layer_norm`."""
     return cached_layer_norm(step, "certified", _certified_norm)
 

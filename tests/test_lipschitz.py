@@ -439,6 +439,30 @@ def test_log2_is_exact_where_the_float_overflows():
     assert L.log2_sum([1200.0, 1200.0]) == pytest.approx(1201.0)
 
 
+def test_large_convs_are_certified_by_lanczos_and_cholesky(monkeypatch):
+    """Above CERTIFY_MIN_ENTRIES the conv norm is a Cholesky-certified bound: never below the exact
+    circular FFT bound (hence never below the true norm) and within (1 + tol)^2 of it."""
+    from sensitivity_lib.opnorm import operator_norm
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2, padding=1))
+    shape = (4, 12, 12)
+    exact = L.lipschitz_product(net, shape, kind="upper")  # small inputs: exact circular FFT
+    monkeypatch.setattr(L, "CERTIFY_MIN_ENTRIES", 1)
+    L._NORM_CACHE.clear()
+    fast = L.lipschitz_product(net, shape, kind="upper")
+    L._NORM_CACHE.clear()
+    tol = L.CERTIFY_TOL
+    trues = [operator_norm(net[0], shape, "dense").value, operator_norm(net[2], (6, 12, 12), "dense").value]
+    ests = exact.extra["layer_estimates"].values(), fast.extra["layer_estimates"].values()
+    pairs = list(zip(*ests, strict=True))
+    assert len(pairs) == 2 and any(e.value != f.value for e, f in pairs)  # the other path was taken
+    for (e, f), true in zip(pairs, trues, strict=True):
+        assert f.kind == "upper"
+        assert e.value * (1 - 1e-9) <= f.value <= e.value * (1 + tol) ** 2 * (1 + 1e-9)
+        assert f.value >= true * (1 - 1e-9)
+
+
 def test_cache_is_invalidated_by_weight_changes():
     net = nn.Sequential(nn.Linear(3, 3, bias=False)).double().eval()
     with torch.no_grad():
