@@ -33,8 +33,9 @@ lock:
 	$(UV) pip compile requirements.in -o requirements.txt --python-version 3.11
 
 ## The book: executes through jupyter-cache (a rebuild with nothing changed executes nothing).
+## Training progress bars would be rendered as hundreds of lines of text: the build turns them off.
 book: setup
-	$(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
+	TQDM_DISABLE=1 $(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
 	@echo "open _build/html/index.html"
 
 lab: setup

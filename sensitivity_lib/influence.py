@@ -677,7 +677,8 @@ def logit_grams(
         Conv2d, BatchNorm and LayerNorm only), ``"functorch"`` (any module; holds one batch's
         parameter Jacobian) or ``"auto"`` (hooks when every trainable module is supported).
     batch_size
-        Images per pass (default 64 for input/pixels, 8 for layers/params).
+        Images per pass. Default for input/pixels: as many as keep the float64 Jacobian (and
+        the per-pixel Grams) within 256 MiB, at most 64; 8 for layers/params.
     chunk_size
         ``jacrev`` chunk size (classes per pass) for ``method="functorch"``.
     input_scale
@@ -699,7 +700,7 @@ def logit_grams(
     zs: list[torch.Tensor] = []
     with _eval_mode(model):
         if wrt in ("input", "pixels"):
-            bs = batch_size or 64
+            bs = batch_size or _map_batch(_n_classes(model, x[:1]), x[0].numel(), wrt == "pixels")
             parts = []
             for sl in _chunks(N, bs):
                 z, J = _input_jacobian(model, x[sl])
@@ -944,7 +945,8 @@ def fi_maps(
     The per-pixel C x C Grams are computed once and box-filtered into (2s+1)^2 patch Grams
     (Grams add over disjoint blocks; zero padding cuts the patches at the border as SA_DNN does),
     then one batched ``eigh`` per scale. Options as in :func:`fi` (``eps``, ``rtol``, ``atol``,
-    ``input_scale``, ``batch_size``, ``return_eigvals``).
+    ``input_scale``, ``batch_size``, ``return_eigvals``); the default batch is as in
+    :func:`logit_grams`.
 
     Returns
     -------
@@ -963,7 +965,7 @@ def fi_maps(
         raise ValueError(f"scales must be ints s >= 0, got {scales!r}")
     _check_model(model)
     N = x.shape[0]
-    bs = st["batch_size"] or 16
+    need_gram = st["return_eigvals"] or any(s > 0 for s in scales)
     kw = dict(eps=st["eps"], rtol=st["rtol"], atol=st["atol"], return_eigvals=st["return_eigvals"])
     vals = {s: [] for s in scales}
     ranks = {s: [] for s in scales}
@@ -971,6 +973,7 @@ def fi_maps(
     eigs = {s: [] for s in scales}
     zs, ys = [], []
     with _eval_mode(model):
+        bs = st["batch_size"] or _map_batch(_n_classes(model, x[:1]), x[0].numel(), need_gram)
         for sl in _chunks(N, bs):
             z, J = _input_jacobian(model, x[sl])
             if J.shape[1] < 2:
@@ -980,7 +983,6 @@ def fi_maps(
             yl = _labels(None if y is None else _slice_y(y, N)[sl], z.shape[0], z.shape[1], z)
             ys.append(yl)
             J = J.to(torch.float64) / _on(st["input_scale"], J)
-            need_gram = st["return_eigvals"] or any(s > 0 for s in scales)
             O = torch.einsum("bichw,bjchw->bchwij", J, J) if need_gram else None
             B, Ch, H, W = J.shape[0], J.shape[2], J.shape[3], J.shape[4]
             pe = p[:, None, None, None, :].expand(B, Ch, H, W, p.shape[-1])
@@ -1241,3 +1243,13 @@ def flip_top_pixels(
 def _n_classes(model: nn.Module, x1: torch.Tensor) -> int:
     with torch.no_grad():
         return int(model(x1).shape[-1])
+
+
+def _map_batch(n_classes: int, numel: int, need_gram: bool, budget: int = 2**28) -> int:
+    """Images per pass for :func:`fi_maps`: as many as fit ``budget`` bytes (at most 64).
+
+    Per image the float64 input Jacobian takes ``8 C numel`` bytes, and the per-pixel Grams that
+    patches need ``8 C^2 numel`` more: 64 MNIST digits at once, one ImageNet photo at a time.
+    """
+    per_image = 8 * n_classes * numel * (1 + (n_classes if need_gram else 0))
+    return int(max(1, min(64, budget // per_image)))

@@ -177,6 +177,16 @@ def test_fi_pixels_is_fi_maps(net, x):
     assert torch.equal(a.value, b.value) and a.value.shape == x.shape
 
 
+def test_default_batch_fits_the_memory_budget_and_does_not_change_the_maps(net, x):
+    assert influence._map_batch(10, 28 * 28, need_gram=True) == 64  # MNIST digits: a full batch
+    assert influence._map_batch(1000, 3 * 224 * 224, need_gram=False) == 1  # one ImageNet photo
+    assert influence._map_batch(1000, 3 * 224 * 224, need_gram=True) == 1  # never zero
+    for s in (0, 1):
+        a = fi(net, x, wrt="pixels", patch=s)
+        b = fi(net, x, wrt="pixels", patch=s, batch_size=1)
+        torch.testing.assert_close(a.value, b.value, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("method", ["hooks", "functorch"])
 def test_layers_and_params_match_dense_oracle(net, x, method):
     r = fi(net, x, wrt="layers", method=method)
