@@ -336,17 +336,19 @@ def lanczos(
             it += 1
             alpha[:, j] = (Q[:, j] * w).sum(1, dtype=torch.float64)  # products rounded once, sum in float64
             # the three-term recurrence, then classical Gram-Schmidt against the whole basis: once,
-            # and a second time only where the pass removed more than 30% of w (DGKS criterion),
-            # which keeps the basis orthonormal to working precision at half the memory traffic
+            # and a second time only where the pass removed more than 30% of w (DGKS criterion;
+            # ||w before||^2 = ||w after||^2 + ||coef||^2), which keeps the basis orthonormal to
+            # working precision at half the memory traffic of two passes
             w = w - alpha[:, j, None].to(w.dtype) * Q[:, j]
             if j > 0:
                 w -= beta[:, j - 1, None].to(w.dtype) * Q[:, j - 1]
             for _ in range(2):
-                before = torch.linalg.vector_norm(w, dim=1)
-                w -= torch.einsum("bkn,bk->bn", Q[:, : j + 1], torch.einsum("bkn,bn->bk", Q[:, : j + 1], w))
-                if bool((torch.linalg.vector_norm(w, dim=1) >= 0.7 * before).all()):
+                coef = torch.einsum("bkn,bn->bk", Q[:, : j + 1], w)
+                w -= torch.einsum("bkn,bk->bn", Q[:, : j + 1], coef)
+                wn = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
+                removed = torch.linalg.vector_norm(coef, dim=1, dtype=torch.float64)
+                if bool((wn**2 >= 0.49 * (wn**2 + removed**2)).all()):
                     break
-            wn = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
             beta[:, j] = wn
             k = j + 1
             T = torch.diag_embed(alpha[:, :k])
