@@ -1246,7 +1246,8 @@ def _n_classes(model: nn.Module, x1: torch.Tensor) -> int:
 
 
 def _map_batch(n_classes: int, numel: int, need_gram: bool, budget: int = 2**28) -> int:
-    """Images per pass for :func:`fi_maps`: as many as fit ``budget`` bytes (at most 64).
+    """Images per pass of the input Jacobians (:func:`logit_grams`, :func:`fi_maps`): as many as fit
+    ``budget`` bytes, at most 64.
 
     Per image the float64 input Jacobian takes ``8 C numel`` bytes, and the per-pixel Grams that
     patches need ``8 C^2 numel`` more: 64 MNIST digits at once, one ImageNet photo at a time.
