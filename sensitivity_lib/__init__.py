@@ -8,6 +8,7 @@ data         offline datasets in [0, 1] pixel space; loaders for full-scale data
 zoo          model wrapper (normalisation inside), pretrained loaders, deterministic training
 plotting     one figure style and helpers that draw on a given ``ax``
 linalg       matrix-free power and Lanczos iterations
+winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
 opnorm       operator norms of linear and convolutional layers (exact, certified upper, lower)
 lipschitz    certified Lipschitz bounds for whole networks, layer by layer
 condition    local and global condition numbers of a network (Maheshwari et al.)

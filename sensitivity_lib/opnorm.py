@@ -108,6 +108,7 @@ from torch import nn
 
 from sensitivity_lib.linalg import linear_adjoint, top_singular_value
 from sensitivity_lib.results import Estimate
+from sensitivity_lib.winograd import choose_tile, winograd_conv3x3
 
 __all__ = [
     "operator_norm",
@@ -237,6 +238,8 @@ def conv_operator(
     layer: nn.Conv2d | nn.Linear,
     input_shape: Sequence[int],
     dtype: torch.dtype | None = None,
+    *,
+    winograd: bool = False,
 ) -> ConvOperator:
     """The layer without bias as a :class:`ConvOperator` (forward and adjoint), in ``dtype``.
 
@@ -249,14 +252,20 @@ def conv_operator(
         dimension).
     dtype
         Dtype of the operator (default: the weight's).
+    winograd
+        Run 3x3, stride-1, zero-padded, ungrouped convolutions (both directions) by Winograd's
+        ``F(4x4, 3x3)`` (:mod:`sensitivity_lib.winograd`) where
+        :func:`~sensitivity_lib.winograd.choose_tile` finds it faster. The same linear map, with
+        a relative rounding error of about ``3e-6`` in float32 instead of ``2e-7``: for the
+        iterations, not for final values.
 
     Returns
     -------
     ConvOperator
         Its ``forward``/``adjoint`` take tensors with a leading batch dimension. For zero padding
-        the adjoint is ``conv_transpose2d`` with the ``output_padding`` that restores the input
-        size; for other padding modes and asymmetric ``"same"`` padding it is obtained by
-        ``torch.func.vjp``.
+        the adjoint is the convolution with the flipped kernel for stride 1, and otherwise
+        ``conv_transpose2d`` with the ``output_padding`` that restores the input size; for other
+        padding modes and asymmetric ``"same"`` padding it is obtained by ``torch.func.vjp``.
     """
     w = _check_layer(layer)
     shape = _normalise_shape(input_shape)
@@ -305,15 +314,37 @@ def conv_operator(
     g = layer.groups
     stride, dil = (sh, sw), (dh, dw)
     if mode == "zeros" and pt == pb and pl == pr:
+        tile = None
+        if winograd and (kh, kw, sh, sw, dh, dw, g) == (3, 3, 1, 1, 1, 1, 1) and pt == pl <= 2:
+            tile = choose_tile(C, layer.out_channels, Ho, Wo)
 
         def forward(x):
             return F.conv2d(x, w, None, stride, (pt, pl), dil, g)
 
+        if tile is not None:
+            forward = winograd_conv3x3(w, pt, tile)  # noqa: F811 (the fast path replaces it)
+
         oph = H - ((Ho - 1) * sh - 2 * pt + dh * (kh - 1) + 1)
         opw = W - ((Wo - 1) * sw - 2 * pl + dw * (kw - 1) + 1)
+        qt, ql = dh * (kh - 1) - pt, dw * (kw - 1) - pl
+        if (sh, sw) == (1, 1) and qt >= 0 and ql >= 0:
+            # stride 1: the adjoint is the convolution with the flipped kernel, channels swapped
+            # within each group, padded by the kernel's reach minus the padding; CPU convolutions
+            # run it 5-20% faster than conv_transpose2d on VGG-19's layers
+            co, cig = w.shape[0], w.shape[1]
+            wt = w.reshape(g, co // g, cig, kh, kw).transpose(1, 2).reshape(g * cig, co // g, kh, kw)
+            wt = wt.flip(-2, -1).contiguous()
 
-        def adjoint(y):
-            return F.conv_transpose2d(y, w, None, stride, (pt, pl), (oph, opw), g, dil)
+            def adjoint(y):
+                return F.conv2d(y, wt, None, 1, (qt, ql), dil, g)
+
+            if tile is not None:
+                adjoint = winograd_conv3x3(wt, qt, tile)  # noqa: F811
+
+        else:
+
+            def adjoint(y):
+                return F.conv_transpose2d(y, w, None, stride, (pt, pl), (oph, opw), g, dil)
 
     elif mode in ("zeros", "circular"):
         forward, adjoint = _padded_conv(w, stride, dil, g, (pt, pb, pl, pr), mode, (H, W), (Ho, Wo))
@@ -715,7 +746,7 @@ def symbol_start(
     # 2. candidate frequencies (the strongest peaks, xi and -xi counted once) and channel vectors
     xt = r.right[0].double().reshape(g, C // g, mh, sh, mw, sw).permute(0, 1, 3, 5, 2, 4)
     spec = torch.fft.fft2(xt.reshape(g, ci, mh, mw))  # X_hat[t] with exp(-i xi t)
-    energy = (spec.abs() ** 2).sum(1)  # (g, mh, mw)
+    energy = torch.view_as_real(spec).square().sum((1, -1))  # (g, mh, mw)
     spacing = torch.tensor([2 * math.pi / mh, 2 * math.pi / mw], dtype=torch.float64)
     cands: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for idx in torch.argsort(energy.reshape(-1), descending=True).tolist():
@@ -872,7 +903,7 @@ def multiscale_start(
     poly = poly.reshape(g, (C // g) * sh * sw, mh, mw)
     fh_n, fw_n = 4 * mh, 4 * mw
     spec = torch.fft.fft2(poly, s=(fh_n, fw_n))  # exp(-i xi t)
-    energy = (spec.abs() ** 2).sum(1)
+    energy = torch.view_as_real(spec).square().sum((1, -1))
     gi, fh, fw = (int(i) for i in torch.unravel_index(energy.argmax(), energy.shape))
     xi = torch.tensor([-2 * math.pi * fh / fh_n, -2 * math.pi * fw / fw_n], dtype=torch.float64)
     v = spec[gi, :, fh, fw]
@@ -905,7 +936,7 @@ def _iterative(
 ) -> Estimate:
     w = layer.weight.detach()
     it_dtype = dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
-    op_it = conv_operator(layer, op.input_shape, it_dtype)
+    op_it = conv_operator(layer, op.input_shape, it_dtype, winograd=it_dtype == torch.float32)
     op64 = op_it
     if it_dtype != torch.float64:
         op64 = conv_operator(layer, op.input_shape, torch.float64)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensitivity_lib.linalg import (
+    _omega_step,
     lanczos,
     linear_adjoint,
     power_iteration,
@@ -201,3 +202,64 @@ def test_results_are_reproducible():
     r1 = lanczos(lambda v: A @ v, _start(50, 2), tol=1e-6)
     r2 = lanczos(lambda v: A @ v, _start(50, 2), tol=1e-6)
     assert r1.value == r2.value and r1.iterations == r2.iterations
+
+
+def _separated_float32(n=300):
+    """Two well separated top eigenvalues (3, 2.5) over a bulk in [0, 1): they converge in a few
+    steps, after which the plain recurrence loses orthogonality fast."""
+    bulk = torch.rand(n - 2, generator=torch.Generator().manual_seed(0))
+    return torch.cat([torch.tensor([3.0, 2.5]), bulk]).float()
+
+
+def test_simon_estimates_bound_the_loss_of_orthogonality():
+    # plain float32 Lanczos, never re-orthogonalised, with the true q_{j+1} . q_k tracked
+    # beside Simon's estimates: while the estimates are in the range where they decide
+    # (below 1e-2), they must not underestimate the true loss
+    lam = _separated_float32()
+    n, m = lam.numel(), 60
+    Q = torch.zeros(m + 1, n)
+    Q[0] = _start(n, 1).float()
+    Q[0] /= Q[0].norm()
+    alpha = torch.zeros(1, m + 1, dtype=torch.float64)
+    beta = torch.zeros(1, m + 1, dtype=torch.float64)
+    omega = torch.zeros(1, m + 2, dtype=torch.float64)
+    omega[0, 0] = 1.0
+    omega_prev = torch.zeros_like(omega)
+    eps, anorm, worst_true, decided = torch.finfo(torch.float32).eps, 0.0, 0.0, 0
+    for j in range(m):
+        w = lam * Q[j]
+        if j > 0:
+            w -= float(beta[0, j - 1]) * Q[j - 1]
+        alpha[0, j] = float((Q[j] * w).sum(dtype=torch.float64))
+        w -= float(alpha[0, j]) * Q[j]
+        lo = max(0, j - 1)
+        local = Q[lo : j + 1] @ w
+        w -= local @ Q[lo : j + 1]
+        alpha[0, j] += float(local[-1])
+        b = w.norm().double().reshape(1)
+        anorm = max(anorm, float(alpha[0, j].abs() + b))
+        nxt = _omega_step(omega, omega_prev, alpha, beta, b, j, eps * anorm)
+        beta[0, j] = b
+        Q[j + 1] = w / float(b)
+        true = float((Q[: j + 1].double() @ Q[j + 1].double()).abs().max())
+        est = float(nxt[0, : j + 1].abs().max())
+        if est <= 1e-2:
+            decided += 1
+            assert true <= est, (j, true, est)
+        worst_true = max(worst_true, true)
+        omega_prev, omega = omega, nxt
+    assert decided >= 5
+    assert worst_true > 0.1  # without re-orthogonalisation the basis really is lost
+
+
+def test_partial_reorthogonalisation_keeps_float32_lanczos_exact():
+    lam = _separated_float32()
+    r = lanczos(lambda v: lam * v, _start(lam.numel(), 1).float(), tol=1e-30, max_iter=60)
+    assert 0 < r.reorthogonalised < r.iterations  # needed, but not at every step
+    assert abs(r.value - 3.0) <= 3.0 * 1e-6
+    # and on a continuum in float64 no step needed it (the top Ritz value never converged early)
+    n = 400
+    cont = 2 - 2 * torch.cos(torch.arange(1, n + 1, dtype=torch.float64) * math.pi / (n + 1))
+    r = lanczos(lambda v: cont * v, _start(n, 0), tol=1e-6, max_iter=400)
+    assert r.reorthogonalised < r.iterations // 4
+    assert (float(cont.max()) - r.value) / float(cont.max()) < 1e-5

@@ -198,6 +198,10 @@ def test_operator_matches_the_layer_and_its_adjoint():
         dict(padding=2, stride=3, padding_mode="circular"),
         dict(padding=1, padding_mode="reflect"),
         dict(padding=1, stride=2, groups=2),
+        dict(padding=1, groups=2),  # stride 1: the adjoint is a conv with the flipped kernel
+        dict(kernel_size=(3, 5), padding=(0, 4), dilation=(1, 2)),
+        dict(padding=3),  # padding beyond the kernel's reach: conv_transpose2d
+        dict(padding=(2, 1), dilation=2, groups=2),
     ):
         args = dict(kernel_size=3) | kwargs
         conv = nn.Conv2d(4, 6, **args).double()
@@ -206,6 +210,7 @@ def test_operator_matches_the_layer_and_its_adjoint():
         y = torch.randn(3, *op.output_shape, generator=g, dtype=torch.float64)
         ref = conv(x) - conv.bias[:, None, None]
         assert torch.allclose(op.forward(x), ref, atol=1e-12), kwargs
+        assert op.adjoint(y).shape == x.shape, kwargs
         lhs, rhs = (op.forward(x) * y).sum(), (x * op.adjoint(y)).sum()
         assert math.isclose(float(lhs), float(rhs), rel_tol=1e-11), kwargs
 
