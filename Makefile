@@ -33,9 +33,19 @@ lock:
 	$(UV) pip compile requirements.in -o requirements.txt --python-version 3.11
 
 ## The book: executes through jupyter-cache (a rebuild with nothing changed executes nothing).
+## jupyter-cache keys on a notebook's code cells only, so a change to the library (or the lock) would
+## leave every cached output stale: the build drops the cache when their hash differs from the last one.
 ## Training progress bars would be rendered as hundreds of lines of text: the build turns them off.
+LIB_HASH = $(shell { cat requirements.txt; find sensitivity_lib -name '*.py' | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-16)
+
 book: setup
+	@mkdir -p _build
+	@if [ -d _build/.jupyter_cache ] && [ "$$(cat _build/.library-hash 2>/dev/null)" != "$(LIB_HASH)" ]; then \
+	    echo "sensitivity_lib or requirements.txt changed since the last build: re-executing every chapter"; \
+	    rm -rf _build/.jupyter_cache; \
+	fi
 	TQDM_DISABLE=1 $(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
+	@echo "$(LIB_HASH)" > _build/.library-hash
 	@echo "open _build/html/index.html"
 
 lab: setup
