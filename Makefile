@@ -44,8 +44,8 @@ book: setup
 	    echo "sensitivity_lib or requirements.txt changed since the last build: re-executing every chapter"; \
 	    rm -rf _build/.jupyter_cache; \
 	fi
+	@echo "$(LIB_HASH)" > _build/.library-hash  # what every cached output from here on comes from
 	TQDM_DISABLE=1 $(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going
-	@echo "$(LIB_HASH)" > _build/.library-hash
 	@echo "open _build/html/index.html"
 
 lab: setup
