@@ -86,12 +86,13 @@ def choose_tile(c_in: int, c_out: int, h_out: int, w_out: int) -> int | None:
     A fixed rule, so that the same call always runs the same arithmetic (and results repeat bit
     for bit): ``F(4x4, 3x3)`` when both channel counts are at least 128, one is at least 256,
     and ``c_in c_out h_out w_out >= 1e8``; else ``F.conv2d``. Timed on 2 cores of this project's
-    machines as one ``A^T A`` product (forward and adjoint, float32, batch 1) of VGG-19's
-    layers, Winograd over ``F.conv2d``: 0.68 for 256 channels at 56x56, 0.73 for 512 at 28x28,
-    0.78 for 128 to 256 at 56x56, 0.89 for 256 to 512 at 28x28; but 1.15 for 512 channels at
-    14x14, 1.0 for 128 at 112x112, and 1.3-1.6 for smaller products (256 at 14x14, 512 at 7x7,
-    128 at 28x28), where the transforms cost more than they save. ``m = 2`` was never the
-    faster of the two where Winograd won.
+    machines as one ``A^T A`` product (forward and adjoint, float32, batch 1, best of 6
+    interleaved runs) of VGG-19's layers, Winograd over ``F.conv2d``: 0.74-0.79 for 256 channels
+    at 56x56, 0.80-0.84 for 512 at 28x28, 0.87 for 256 to 512 at 28x28, 0.96 for 128 to 256 at
+    56x56. Single convolutions, or an earlier version of this code, measured 1.15 for 512
+    channels at 14x14, 1.0 for 128 at 112x112 and 1.3-1.6 for smaller products (256 at 14x14,
+    512 at 7x7, 128 at 28x28), where the transforms cost more than they save; ``m = 2`` was
+    never the faster of the two where Winograd won.
     """
     big, small = max(c_in, c_out), min(c_in, c_out)
     if small >= 128 and big >= 256 and c_in * c_out * h_out * w_out >= 1e8:
@@ -107,8 +108,8 @@ def winograd_conv3x3(
     Parameters
     ----------
     weight
-        ``(C_out, C_in, 3, 3)``; its transform is computed once, in float64, and kept in the
-        weight's dtype.
+        ``(C_out, C_in, 3, 3)``; its transform ``G w G^T`` is computed once, in the weight's
+        dtype (the matrices are exact in float64 and rounded once to that dtype).
     padding
         Zero padding on every side, ``0``, ``1`` or ``2``.
     tile
