@@ -1,18 +1,25 @@
 """sensitivity_lib: the library under the book *Sensitivity of Deep Neural Networks*.
 
-Modules
+The map
 -------
-results      small result objects (value, kind, method, norm, iterations, residual)
-profiles     the PROFILE switch (quick / book / full) and a reproducible start for every chapter
-data         offline datasets in [0, 1] pixel space; loaders for full-scale data you supply
-zoo          model wrapper (normalisation inside), pretrained loaders, deterministic training
-plotting     one figure style and helpers that draw on a given ``ax``
-linalg       matrix-free power and Lanczos iterations
-winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
-opnorm       operator norms of linear and convolutional layers (exact, certified upper, lower)
-lipschitz    certified Lipschitz bounds for whole networks, layer by layer
-condition    local and global condition numbers of a network (Maheshwari et al.)
-influence    the first-order influence measure on a perturbation manifold (Shu & Zhu)
+The shared numerical core (one module per job, used by every part)
+    results      Estimate: a number and whether it is exact, a certified bound or an estimate
+    validation   input checks, the one eval-mode policy, model fingerprints
+    krylov       LinearOperator, and Lanczos / power iterations for the top of a spectrum, with one
+                 stopping rule and loud non-convergence
+    graph        the traced-graph walker: a model reduced to steps, one rule per operation
+    opnorm       operator norms of conv and linear layers (exact, certified upper, lower)
+    winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
+    search       the smallest change that flips a prediction (bisection or scan)
+Part I      condition/   a condition number for a whole network (Maheshwari et al.)
+Part II     influence/   influence on a perturbation manifold (Shu & Zhu)
+Book support
+    data         datasets in [0, 1] pixel space: what ships offline, loaders for what you supply
+    zoo          the model wrapper (normalisation inside), pretrained loaders, deterministic training
+    plotting     one figure style and helpers that draw on a given ``ax``
+    profiles     the PROFILE switch (quick / book / full) and a reproducible start for every chapter
+
+No module imports another's private (underscore) names; a subpackage's ``_`` modules are its own.
 """
 
 from sensitivity_lib.profiles import PROFILES, seed_everything, setup

@@ -37,7 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sensitivity_lib.validation import check_images
+
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
+#: Per-channel mean and standard deviation of the training sets (for models' own normalisation).
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
@@ -111,51 +117,29 @@ class ImageSet:
         return self[order[:n_train]], self[order[n_train : n_train + n_test]]
 
 
-def check_images(x: torch.Tensor, shape: Sequence[int | None] | None = None) -> None:
-    """Raise a ``ValueError`` unless ``x`` is a finite float tensor (N, C, H, W) in [0, 1].
+def package_path(package: str, *parts: str) -> Path:
+    """A file or folder shipped inside an installed package (weights, bundled images), by path parts
+    below the package's folder; a clear error when the package or the file is missing.
 
-    ``shape`` is an optional (C, H, W) to match, where ``None`` entries match any size.
+    >>> package_path("foolbox", "data").is_dir()
+    True
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(
-            f"expected images of shape (N, C, H, W), got {tuple(x.shape)}; add a batch axis "
-            "with x.unsqueeze(0) for a single image"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"expected float pixels in [0, 1], got dtype {x.dtype}; divide uint8 by 255")
-    if shape is not None:
-        for got, want, axis in zip(x.shape[1:], shape, "CHW", strict=True):
-            if want is not None and got != want:
-                raise ValueError(
-                    f"expected images of shape (N, {', '.join(map(str, shape))}) but axis {axis} "
-                    f"has size {got} (input shape {tuple(x.shape)})"
-                )
-    if not torch.isfinite(x.detach()).all():
-        raise ValueError("images contain NaN or infinite values")
-    lo, hi = float(x.detach().min()), float(x.detach().max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(
-            f"images must be pixels in [0, 1], got range [{lo:.3g}, {hi:.3g}]; normalisation "
-            "belongs inside the model wrapper, not in the data"
-        )
-
-
-def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            f"the package {package!r} is needed for this dataset; it is in requirements.txt "
-            "(run `make setup`)"
+            f"the package {package!r}, which ships this file, is not installed; it is pinned in "
+            "requirements.txt (run `make setup`)"
         )
-    return Path(spec.origin).parent
+    path = Path(spec.origin).parent.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall the package {package!r}")
+    return path
 
 
 def _read_png_dir(pattern: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from PIL import Image
 
-    files = sorted((_package_dir("foolbox") / "data").glob(pattern))
+    files = sorted(package_path("foolbox", "data").glob(pattern))
     if not files:
         raise FileNotFoundError(f"no files match foolbox/data/{pattern}; reinstall foolbox")
     arrays = [np.asarray(Image.open(f)) for f in files]
@@ -237,7 +221,7 @@ def _extra_photo(name: str) -> np.ndarray:
     if pkg == "sklearn":
         from PIL import Image
 
-        return np.asarray(Image.open(_package_dir("sklearn") / "datasets" / "images" / f"{name}.jpg"))
+        return np.asarray(Image.open(package_path("sklearn", "datasets", "images", f"{name}.jpg")))
     from matplotlib import cbook
     from PIL import Image
 
@@ -254,7 +238,7 @@ def imagenet_samples(size: int = 224, *, extra: bool = True) -> ImageSet:
     """
     from PIL import Image
 
-    files = sorted((_package_dir("foolbox") / "data").glob("imagenet_*.jpg"))
+    files = sorted(package_path("foolbox", "data").glob("imagenet_*.jpg"))
     photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     labels = [int(f.stem.rsplit("_", 1)[1]) for f in files]
     names = [f.name for f in files]

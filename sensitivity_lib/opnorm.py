@@ -100,26 +100,28 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity_lib.linalg import linear_adjoint, top_singular_value
+from sensitivity_lib.graph import as_pair
+from sensitivity_lib.krylov import LinearOperator, linear_adjoint, top_singular
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.winograd import choose_tile, winograd_conv3x3
 
 __all__ = [
     "operator_norm",
     "conv_operator",
-    "ConvOperator",
+    "conv_padding",
     "symbol_start",
     "multiscale_start",
-    "conv_layers",
+    "find_layers",
     "layer_norms",
-    "LayerNorm",
+    "LayerBounds",
     "METHODS",
     "DENSE_MAX_ENTRIES",
 ]
@@ -135,42 +137,11 @@ _FFT_CHUNK_BYTES = 2**27
 # the layer as a linear operator
 
 
-@dataclass(frozen=True)
-class ConvOperator:
-    """A bias-free layer seen as a linear map between flat-normed tensors.
-
-    Attributes
-    ----------
-    forward
-        ``x -> A x`` for ``x`` of shape ``(B, *input_shape)`` in the operator's dtype.
-    adjoint
-        ``y -> A^T y`` for ``y`` of shape ``(B, *output_shape)``.
-    input_shape, output_shape
-        Shapes of one sample, without the batch dimension.
-    pads
-        ``(top, bottom, left, right)`` padding of a convolution (``None`` for a linear layer).
-    """
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    adjoint: Callable[[torch.Tensor], torch.Tensor]
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    pads: tuple[int, int, int, int] | None
-
-    @property
-    def n_in(self) -> int:
-        return math.prod(self.input_shape)
-
-    @property
-    def n_out(self) -> int:
-        return math.prod(self.output_shape)
-
-
 def _check_layer(layer: nn.Module) -> torch.Tensor:
     if not isinstance(layer, nn.Conv2d | nn.Linear):
         raise NotImplementedError(
             f"operator_norm supports nn.Linear and nn.Conv2d, got {type(layer).__name__}; for "
-            "another linear map use sensitivity_lib.linalg.top_singular_value(forward, x0)"
+            "another linear map use sensitivity_lib.krylov.top_singular(LinearOperator(...))"
         )
     w = layer.weight.detach()
     if not w.is_floating_point():
@@ -183,15 +154,28 @@ def _check_layer(layer: nn.Module) -> torch.Tensor:
     return w
 
 
-def _conv_pads(layer: nn.Conv2d, H: int, W: int) -> tuple[int, int, int, int]:
-    kh, kw = layer.kernel_size
-    dh, dw = layer.dilation
-    if isinstance(layer.padding, str):
-        if layer.padding == "valid":
+def conv_padding(
+    kernel_size: Any, padding: Any = 0, dilation: Any = 1
+) -> tuple[int, int, int, int]:
+    """The ``(top, bottom, left, right)`` zero padding of a 2-D convolution, as PyTorch applies it.
+
+    ``padding`` is an int, a pair, ``"valid"`` or ``"same"`` (torch puts the odd extra row or column
+    at the end). Pass an ``nn.Conv2d`` as ``kernel_size`` to read all three from it.
+
+    >>> conv_padding(3, "same"), conv_padding(4, "same"), conv_padding((3, 5), (1, 2))
+    ((1, 1, 1, 1), (1, 2, 1, 2), (1, 1, 2, 2))
+    """
+    if isinstance(kernel_size, nn.Conv2d):
+        kernel_size, padding, dilation = kernel_size.kernel_size, kernel_size.padding, kernel_size.dilation
+    (kh, kw), (dh, dw) = as_pair(kernel_size), as_pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
             return (0, 0, 0, 0)
-        th, tw = dh * (kh - 1), dw * (kw - 1)  # "same": as torch, extra pad at the end
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        th, tw = dh * (kh - 1), dw * (kw - 1)
         return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-    ph, pw = layer.padding
+    ph, pw = as_pair(padding)
     return (ph, ph, pw, pw)
 
 
@@ -241,8 +225,8 @@ def conv_operator(
     dtype: torch.dtype | None = None,
     *,
     winograd: bool = False,
-) -> ConvOperator:
-    """The layer without bias as a :class:`ConvOperator` (forward and adjoint), in ``dtype``.
+) -> LinearOperator:
+    """The layer without bias as a :class:`~sensitivity_lib.krylov.LinearOperator`, in ``dtype``.
 
     Parameters
     ----------
@@ -278,13 +262,10 @@ def conv_operator(
                 f"{layer.out_features}): its last entry must be in_features={layer.in_features}"
             )
         out_shape = shape[:-1] + (layer.out_features,)
-        return ConvOperator(
-            forward=lambda x: F.linear(x, w),
-            adjoint=lambda y: y @ w,
-            input_shape=shape,
-            output_shape=out_shape,
-            pads=None,
-        )
+        return LinearOperator(
+            lambda x: F.linear(x, w), lambda y: y @ w, in_shape=shape, out_shape=out_shape,
+            dtype=w.dtype, device=w.device,
+        )  # fmt: skip
     if len(shape) != 3:
         raise ValueError(
             f"input_shape for nn.Conv2d must be (C, H, W) without the batch dimension, got {shape}"
@@ -295,7 +276,7 @@ def conv_operator(
             f"input_shape {shape} has {C} channels but the layer expects in_channels="
             f"{layer.in_channels}"
         )
-    pt, pb, pl, pr = _conv_pads(layer, H, W)
+    pt, pb, pl, pr = conv_padding(layer)
     kh, kw = layer.kernel_size
     sh, sw = layer.stride
     dh, dw = layer.dilation
@@ -357,14 +338,17 @@ def conv_operator(
 
         example = torch.zeros((1, C, H, W), dtype=w.dtype)
         adjoint = linear_adjoint(forward, example)
-    return ConvOperator(forward, adjoint, shape, (layer.out_channels, Ho, Wo), (pt, pb, pl, pr))
+    return LinearOperator(
+        forward, adjoint, in_shape=shape, out_shape=(layer.out_channels, Ho, Wo), dtype=w.dtype,
+        device=w.device,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # methods
 
 
-def _dense(layer, op: ConvOperator, max_dense: int) -> Estimate:
+def _dense(layer, op: LinearOperator, max_dense: int) -> Estimate:
     w = layer.weight.detach().double()
     if isinstance(layer, nn.Linear):
         if w.numel() > max_dense:
@@ -380,12 +364,12 @@ def _dense(layer, op: ConvOperator, max_dense: int) -> Estimate:
             f"method='dense' would build a {n_out} x {n_in} matrix ({n_in * n_out:.3g} entries), "
             f"above max_dense={max_dense}; use method='lanczos' or 'fft' for layers this size"
         )
-    op64 = conv_operator(layer, op.input_shape, torch.float64)
+    op64 = conv_operator(layer, op.in_shape, torch.float64)
     cols = []
     eye = torch.eye(n_in, dtype=torch.float64)
     for start in range(0, n_in, 1024):
-        blk = eye[start : start + 1024].reshape(-1, *op.input_shape)
-        cols.append(op64.forward(blk).reshape(blk.shape[0], -1))
+        blk = eye[start : start + 1024].reshape(-1, *op.in_shape)
+        cols.append(op64.matvec(blk).reshape(blk.shape[0], -1))
     mat = torch.cat(cols).T  # (n_out, n_in)
     s = torch.linalg.svdvals(mat)[0]
     return Estimate(float(s), "exact", "dense", extra={"shape": (n_out, n_in)})
@@ -396,15 +380,15 @@ def _group_blocks(w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
 
 
-def _reshaped(layer, op: ConvOperator) -> Estimate:
+def _reshaped(layer, op: LinearOperator) -> Estimate:
     w = layer.weight.detach().double()
     if isinstance(layer, nn.Linear):
         return Estimate(float(torch.linalg.svdvals(w)[0]), "exact", "reshaped")
     g = layer.groups
     blocks = _group_blocks(w, g).flatten(2)  # (g, C_out/g, C_in/g*kh*kw)
     s = float(torch.linalg.svdvals(blocks)[:, 0].max())
-    _, H, W = op.input_shape
-    pt, pb, pl, pr = op.pads
+    _, H, W = op.in_shape
+    pt, pb, pl, pr = conv_padding(layer)
     ok = all(
         _has_interior_field(n, k, s_, d, p0, p1, layer.padding_mode)
         for n, k, s_, d, p0, p1 in (
@@ -559,7 +543,7 @@ def _zero_pad_grid(n: int, k: int, s: int, d: int, p0: int, n_out: int) -> int:
 
 
 def _fft(
-    layer, op: ConvOperator, n_grids: int = 1, lower: float | None = None, slack: float = 1e-3
+    layer, op: LinearOperator, n_grids: int = 1, lower: float | None = None, slack: float = 1e-3
 ) -> Estimate:
     if isinstance(layer, nn.Linear):
         raise ValueError(
@@ -573,9 +557,9 @@ def _fft(
             "use method='lanczos' or 'dense'"
         )
     w = layer.weight.detach()
-    _, H, W = op.input_shape
-    _, Ho, Wo = op.output_shape
-    pt, pb, pl, pr = op.pads
+    _, H, W = op.in_shape
+    _, Ho, Wo = op.out_shape
+    pt, pb, pl, pr = conv_padding(layer)
     sh, sw = layer.stride
     if mode == "zeros":
         kh, kw = layer.kernel_size
@@ -738,13 +722,16 @@ def symbol_start(
     _, co, ci, qh, qw = kp.shape
     kc = kp.reshape(g, co, ci, qh * qw).to(torch.complex64)
     qgrid = torch.cartesian_prod(torch.arange(qh), torch.arange(qw)).to(torch.float64)
-    C, H, W = op.input_shape
+    C, H, W = op.in_shape
     # 1. Lanczos on the circular layer on a small torus
     mh, mw = max(torus, 2 * qh + 2), max(torus, 2 * qw + 2)
     grid = (mh * sh, mw * sw)
     fwd, adj = _torus_operator(w32, g, (sh, sw), layer.dilation, grid)
+    out_shape = fwd(torch.zeros(1, C, *grid)).shape[1:]
+    torus_op = LinearOperator(fwd, adj, in_shape=(C, *grid), out_shape=out_shape, dtype=torch.float32)
     x0 = torch.randn((1, C, *grid), generator=gen, dtype=torch.float64).float()
-    r = top_singular_value(fwd, x0, adj, tol=1e-8, max_iter=torus_iter)
+    # a short search over the torus' frequencies, not a result: it is not run to convergence
+    r = top_singular(torus_op, x0, tol=1e-8, max_iter=torus_iter, side="input", warn=False)
     # 2. candidate frequencies (the strongest peaks, xi and -xi counted once) and channel vectors
     xt = r.right[0].double().reshape(g, C // g, mh, sh, mw, sw).permute(0, 1, 3, 5, 2, 4)
     spec = torch.fft.fft2(xt.reshape(g, ci, mh, mw))  # X_hat[t] with exp(-i xi t)
@@ -792,13 +779,13 @@ def _refine(kc, qgrid, gi, xi_c, v, step, rounds):
     return float(s_[0]), gi, xi_c, v[0]
 
 
-def _waves(layer, op: ConvOperator, keep, gen) -> torch.Tensor:
+def _waves(layer, op: LinearOperator, keep, gen) -> torch.Tensor:
     """Sum of real plane waves ``Re(v exp(i xi . t))`` (polyphase coordinates) on the input,
     under a sine envelope (none for circular padding), plus 1% noise; unit norm."""
-    C, H, W = op.input_shape
+    C, H, W = op.in_shape
     g = layer.groups
     sh, sw = layer.stride
-    pt, _, pl, _ = op.pads
+    pt, _, pl, _ = conv_padding(layer)
     hh, ww = torch.arange(H), torch.arange(W)
     th, rh = torch.div(hh + pt, sh, rounding_mode="floor"), (hh + pt) % sh
     tw, rw = torch.div(ww + pl, sw, rounding_mode="floor"), (ww + pl) % sw
@@ -811,7 +798,7 @@ def _waves(layer, op: ConvOperator, keep, gen) -> torch.Tensor:
             torch.sin(math.pi * (ww + 1) / (W + 1)).double(),
         )
     cg = C // g
-    x = torch.zeros(op.input_shape, dtype=torch.float64)
+    x = torch.zeros(op.in_shape, dtype=torch.float64)
     for gi, xi_c, v in keep:
         if circular:  # snap to the frequencies of the periodic grid
             ph_, pw_ = max(1, H // sh), max(1, W // sw)
@@ -826,7 +813,7 @@ def _waves(layer, op: ConvOperator, keep, gen) -> torch.Tensor:
         wave = (vv[:, rh][:, :, rw] * phase[None]).real * env[None]
         if wave.norm() > 0:
             x[gi * cg : (gi + 1) * cg] += wave / wave.norm()
-    noise = torch.randn(op.input_shape, generator=gen, dtype=torch.float64)
+    noise = torch.randn(op.in_shape, generator=gen, dtype=torch.float64)
     if x.norm() > 0:
         x = x / x.norm() + 0.01 * noise / noise.norm()
     else:
@@ -884,7 +871,7 @@ def multiscale_start(
             "multiscale_start needs an nn.Conv2d with padding_mode 'zeros' or 'circular'"
         )
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    C, H, W = op.input_shape
+    C, H, W = op.in_shape
     sh, sw = layer.stride
     hs = _round_up(max(min_size, H // factor), sh)
     ws = _round_up(max(min_size, W // factor), sw)
@@ -895,8 +882,7 @@ def multiscale_start(
         )
     sub = operator_norm(layer, (C, hs, ws), "lanczos", tol=tol, generator=gen)
     u = sub.extra["vector"].double()
-    sub_op = conv_operator(layer, (C, hs, ws))
-    pt, _, pl, _ = sub_op.pads
+    pt, _, pl, _ = conv_padding(layer)
     mh, mw = -(-(hs + pt) // sh), -(-(ws + pl) // sw)
     placed = u.new_zeros(C, mh * sh, mw * sw)
     placed[:, pt : pt + hs, pl : pl + ws] = u
@@ -924,34 +910,34 @@ def _torus_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.minimum(d, 2 * math.pi - d)
 
 
-def _default_init(layer, op: ConvOperator) -> str:
+def _default_init(layer, op: LinearOperator) -> str:
     if not isinstance(layer, nn.Conv2d) or layer.padding_mode != "zeros":
         return "random"
-    _, H, W = op.input_shape
+    _, H, W = op.in_shape
     sh, sw = layer.stride
     ok = 2 * _round_up(max(56, H // 4), sh) <= H and 2 * _round_up(max(56, W // 4), sw) <= W
     return "multiscale" if ok else "random"
 
 
 def _iterative(
-    layer, op: ConvOperator, method, tol, max_iter, generator, dtype, init, upper
+    layer, op: LinearOperator, method, tol, max_iter, generator, dtype, init, upper
 ) -> Estimate:
     w = layer.weight.detach()
     it_dtype = dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
-    op_it = conv_operator(layer, op.input_shape, it_dtype, winograd=it_dtype == torch.float32)
+    op_it = conv_operator(layer, op.in_shape, it_dtype, winograd=it_dtype == torch.float32)
     op64 = op_it
     if it_dtype != torch.float64:
-        op64 = conv_operator(layer, op.input_shape, torch.float64)
+        op64 = conv_operator(layer, op.in_shape, torch.float64)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     if init is None:
         init = _default_init(layer, op)
     if isinstance(init, str):
         if init == "symbol":
-            x0 = symbol_start(layer, op.input_shape, generator=gen)[None].to(it_dtype)
+            x0 = symbol_start(layer, op.in_shape, generator=gen)[None].to(it_dtype)
         elif init == "multiscale":
-            x0 = multiscale_start(layer, op.input_shape, generator=gen)[None].to(it_dtype)
+            x0 = multiscale_start(layer, op.in_shape, generator=gen)[None].to(it_dtype)
         elif init == "random":
-            x0 = torch.randn((1, *op.input_shape), generator=gen, dtype=torch.float64)
+            x0 = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64)
             x0 = x0.to(it_dtype)
         else:
             raise ValueError(
@@ -961,36 +947,27 @@ def _iterative(
     else:
         x0 = torch.as_tensor(init).to(it_dtype)
         if x0.numel() != op.n_in:
-            raise ValueError(f"init must have the input shape {op.input_shape}, got {tuple(x0.shape)}")
-        x0 = x0.reshape(1, *op.input_shape)
+            raise ValueError(f"init must have the input shape {op.in_shape}, got {tuple(x0.shape)}")
+        x0 = x0.reshape(1, *op.in_shape)
         if not torch.isfinite(x0).all() or not x0.abs().sum() > 0:
             raise ValueError("init must be a finite, non-zero tensor of the input shape")
         start = "given"
-    r = top_singular_value(
-        op_it.forward,
-        x0,
-        op_it.adjoint,
-        method=method,
-        tol=tol,
-        max_iter=max_iter,
-        upper=upper,
-        check=(op64.forward, None) if op64 is not op_it else None,
+    # the final value is ||A v|| / ||v|| in float64; the residual uses the iteration's adjoint
+    check = None
+    if op64 is not op_it:
+        check = LinearOperator(op64.matvec, None, in_shape=op.in_shape, out_shape=op.out_shape,
+                               dtype=torch.float64)  # fmt: skip
+    r = top_singular(
+        op_it, x0, method=method, tol=tol, max_iter=max_iter, upper=upper, side="input", check=check
     )
     return Estimate(
-        r.value,
-        "lower",
-        method,
-        iterations=r.iterations,
-        residual=r.residual,
+        float(r.value[0]), "lower", method, iterations=int(r.iterations[0]), residual=float(r.residual[0]),
+        converged=bool(r.converged[0]),
         extra={
-            "converged": r.converged,
-            "vector": r.right[0],
-            "history": r.history,
-            "dtype": str(it_dtype).replace("torch.", ""),
-            "upper_used": upper,
-            "init": start,
+            "error": float(r.error[0]), "vector": r.right[0], "history": r.history[:, 0].tolist(),
+            "dtype": str(it_dtype).replace("torch.", ""), "upper_used": upper, "init": start,
         },
-    )
+    )  # fmt: skip
 
 
 def operator_norm(
@@ -1090,7 +1067,7 @@ def operator_norm(
         est = _fft(layer, op, fft_grids, lower, tol)
     else:
         est = _iterative(layer, op, method, tol, max_iter, generator, dtype, init, upper)
-    extra = {"input_shape": op.input_shape, "output_shape": op.output_shape, **est.extra}
+    extra = {"input_shape": op.in_shape, "output_shape": op.out_shape, **est.extra}
     return Estimate(
         est.value,
         est.kind,
@@ -1106,10 +1083,10 @@ def operator_norm(
 # every layer of a network
 
 
-def conv_layers(
-    model: nn.Module, input_shape: Sequence[int], *, linear: bool = False
+def find_layers(
+    model: nn.Module, input_shape: Sequence[int], types: tuple[type[nn.Module], ...] = (nn.Conv2d,)
 ) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """The ``nn.Conv2d`` (and optionally ``nn.Linear``) layers of ``model`` with their input shapes.
+    """The layers of ``model`` of the given ``types`` with the input shapes they see.
 
     Runs one forward pass on zeros of shape ``(1, *input_shape)`` with forward hooks.
 
@@ -1120,15 +1097,15 @@ def conv_layers(
         pixels; the shapes are those its layers see).
     input_shape
         ``(C, H, W)`` of one input.
-    linear
-        Also list the ``nn.Linear`` layers.
+    types
+        The module types to list, e.g. ``(nn.Conv2d, nn.Linear)``.
 
     Returns
     -------
     list of (name, layer, input_shape)
         In execution order; ``name`` is the module's qualified name.
     """
-    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+    kinds = tuple(types)
     found: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     hooks = []
     for name, mod in model.named_modules():
@@ -1150,8 +1127,8 @@ def conv_layers(
 
 
 @dataclass(frozen=True)
-class LayerNorm:
-    """Norm of one layer of a network: a lower estimate, a certified upper bound, their costs.
+class LayerBounds:
+    """The operator norm of one layer of a network from both sides, and what each side cost.
 
     Attributes
     ----------
@@ -1184,25 +1161,25 @@ def layer_norms(
     *,
     tol: float = 1e-3,
     certify: bool = True,
-    linear: bool = False,
+    types: tuple[type[nn.Module], ...] = (nn.Conv2d,),
     generator: torch.Generator | None = None,
-) -> list[LayerNorm]:
+) -> list[LayerBounds]:
     """Operator norm of every convolution of ``model`` at its real input size, from both sides.
 
-    For each layer from :func:`conv_layers`: a lower estimate by :func:`operator_norm` with
+    For each layer from :func:`find_layers`: a lower estimate by :func:`operator_norm` with
     ``method="lanczos"`` and ``tol``, then (``certify=True``) a certified upper bound by
     ``method="fft"`` with that lower value (zero or circular padding only; other layers get
-    ``upper=None``). Linear layers (``linear=True``) get ``"dense"``-exact values when small,
-    else Lanczos, and no separate upper bound.
+    ``upper=None``). Linear layers (``nn.Linear`` in ``types``) get ``"dense"``-exact values when
+    small, else Lanczos, and no separate upper bound.
 
     Returns
     -------
-    list of LayerNorm
+    list of LayerBounds
     """
     import time
 
     out = []
-    for name, layer, shape in conv_layers(model, input_shape, linear=linear):
+    for name, layer, shape in find_layers(model, input_shape, types):
         t0 = time.perf_counter()
         if isinstance(layer, nn.Linear):
             lower = operator_norm(layer, shape, "auto", tol=tol, generator=generator)
@@ -1214,5 +1191,5 @@ def layer_norms(
         if certify and fft_ok:
             upper = operator_norm(layer, shape, "fft", lower=lower.value, tol=tol)
         t2 = time.perf_counter()
-        out.append(LayerNorm(name, tuple(shape), lower, upper, t1 - t0, t2 - t1))
+        out.append(LayerBounds(name, tuple(shape), lower, upper, t1 - t0, t2 - t1))
     return out

@@ -44,6 +44,10 @@ class Estimate:
         Iterations used by an iterative method (``None`` for direct methods).
     residual
         A convergence measure where one exists, e.g. ``||A^T A v - s^2 v|| / s^2``.
+    converged
+        For an iterative method, whether its stopping rule held (a bool, or a bool tensor with one
+        entry per sample); ``None`` for direct methods. An unconverged ``"lower"`` value is still a
+        lower bound, just not accurate to the requested tolerance.
     extra
         Anything else worth keeping (ranks, per-layer values...).
     """
@@ -54,6 +58,7 @@ class Estimate:
     norm: str = "2"
     iterations: int | None = None
     residual: float | torch.Tensor | None = None
+    converged: bool | torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,4 +93,10 @@ class Estimate:
             r = self.residual
             r = r.max().item() if isinstance(r, torch.Tensor) else r
             parts.append(f"residual={r:.2e}")
+        if self.converged is not None:
+            c = self.converged
+            ok = bool(c.all()) if isinstance(c, torch.Tensor) else bool(c)
+            if not ok:
+                n = int((~c).sum()) if isinstance(c, torch.Tensor) else 1
+                parts.append(f"NOT CONVERGED ({n})")
         return f"Estimate({', '.join(parts)})"

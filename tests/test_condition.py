@@ -10,35 +10,13 @@ import math
 
 import pytest
 import torch
+from helpers import dense_jacobians, dense_layer_norm, probs, random_nets, top_sv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_lipschitz import _dense_layer_norm, random_nets
 from torch import nn
 
 from sensitivity_lib import condition as C
-from sensitivity_lib import lipschitz as L
-
-
-def dense_jacobians(f, x):
-    """(N, m, n) dense Jacobians of one sample's flattened output w.r.t. its flattened input."""
-
-    def g(z):
-        return f(z[None]).reshape(-1)
-
-    J = torch.func.vmap(torch.func.jacrev(g))(x)
-    return J.reshape(len(x), J.shape[1], -1).detach()
-
-
-def top_sv(J):
-    return torch.linalg.matrix_norm(J, 2)
-
-
-def probs(net):
-    def f(z):
-        return torch.softmax(net(z), dim=-1)
-
-    return f
-
+from sensitivity_lib.condition import lipschitz as L
 
 # ----------------------------------------------------------------------------------------------
 # E0 against the dense Jacobian, and the ordering E0 <= E2 <= E1
@@ -126,7 +104,7 @@ def test_approximations_e3():
         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
     ).double().eval()  # fmt: skip
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
-    dense = L.lipschitz_product(net, (2, 8, 8), layer_norm=_dense_layer_norm)
+    dense = L.lipschitz_product(net, (2, 8, 8), layer_norm=dense_layer_norm)
     up = C.approximate_condition(net, x, approximation="reshaped_upper")
     assert up.kind == "upper"
     for name, e in dense.extra["layer_estimates"].items():  # sqrt(m) ||K_mat|| >= ||A||

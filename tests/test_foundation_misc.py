@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sensitivity_lib as sl
-from sensitivity_lib import data, perturb, zoo
+from sensitivity_lib import condition, data, zoo
 from sensitivity_lib.results import Estimate
 
 SIZES = {"quick": dict(n=1), "book": dict(n=2), "full": dict(n=3)}
@@ -38,14 +38,14 @@ def test_estimate():
         Estimate(1.0, "guess", method="x")
 
 
-def test_round_to_bits():
+def test_round_to_levels():
     x = torch.rand(1, 1, 16, 16)
     for b in (1, 4, 8):
-        r = perturb.round_to_bits(x, b)
+        r = condition.round_to_levels(x, b)
         assert (r - x).abs().max() <= 0.5 / (2**b - 1) + 1e-7
         assert len(torch.unique(r)) <= 2**b
     with pytest.raises(ValueError):
-        perturb.round_to_bits(x, 0)
+        condition.round_to_levels(x, 0)
 
 
 def test_smallest_flip_on_a_linear_classifier():
@@ -61,19 +61,19 @@ def test_smallest_flip_on_a_linear_classifier():
         with torch.no_grad():
             net[1].weight[0] = w.flatten()
     d = -w / w.norm()
-    r = perturb.smallest_flip(m, x, d, max_norm=100.0, tol=1e-6, clip=False)
+    r = condition.smallest_flip(m, x, d, max_norm=100.0, tol=1e-6, clip=False)
     exact = float((w * x).sum() / w.norm())
     assert r.kind == "upper" and float(r.value) >= exact and float(r.value) <= exact * (1 + 1e-5)
     # the gradient direction of the cross-entropy points the same way as -w here
-    g = perturb.gradient_direction(m, x)
+    g = condition.gradient_direction(m, x)
     assert torch.allclose(g, d, atol=1e-5)
-    none = perturb.smallest_flip(m, x, -d, max_norm=1.0, clip=False)
+    none = condition.smallest_flip(m, x, -d, max_norm=1.0, clip=False)
     assert torch.isinf(none.value).all() and none.extra["flipped_to"].tolist() == [-1]
 
 
 def test_random_directions_are_unit_and_seeded():
-    a = perturb.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
-    b = perturb.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
+    a = condition.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
+    b = condition.random_directions((3, 1, 5, 5), torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and torch.allclose(a.flatten(1).norm(dim=1), torch.ones(3))
 
 

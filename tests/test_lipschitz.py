@@ -1,4 +1,5 @@
-"""Tests of sensitivity_lib.lipschitz: the certified product bound on whole networks.
+"""Tests of sensitivity_lib.condition.lipschitz and the graph walker under it: the certified product
+bound on whole networks.
 
 The oracles are independent of the code under test: dense Jacobians (torch.func.jacrev) on tiny
 float64 networks, random and gradient-ascent perturbations, and closed-form examples.
@@ -11,213 +12,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dense_layer_norm, random_nets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sensitivity_lib import lipschitz as L
-from sensitivity_lib.results import Estimate
+from sensitivity_lib import graph as G
+from sensitivity_lib.condition import lipschitz as L
 
 torch.set_default_dtype(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# a dense oracle for the norm of one linear layer (tiny sizes only)
-
-
-def _dense_layer_norm(step):
-    m = step.module.double()
-    shape = step.in_shape if step.kind == "conv" else (step.in_shape[-1],)
-    n = math.prod(shape)
-
-    def f(v):
-        return m(v.reshape(1, *shape)).reshape(-1)
-
-    J = torch.func.jacrev(f)(torch.zeros(n, dtype=torch.float64))
-    return Estimate(float(torch.linalg.matrix_norm(J, 2)), "exact", "dense")
-
-
-# ----------------------------------------------------------------------------------------------
-# Random small networks built from every supported layer type
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int, act: nn.Module):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.act = act
-
-    def forward(self, x):
-        return x + self.b(self.act(self.a(x)))
-
-
-class Concat(nn.Module):
-    def __init__(self, c: int, c_new: int):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(c)
-        self.conv = nn.Conv2d(c, c_new, 3, padding=1)
-
-    def forward(self, x):
-        return torch.cat([x, self.conv(F.relu(self.bn(x)))], 1)
-
-
-class Scale(nn.Module):
-    def __init__(self, c: int, divide: bool, g: torch.Generator):
-        super().__init__()
-        self.register_buffer("s", 0.2 + 2 * torch.rand(1, c, 1, 1, generator=g))
-        self.divide = divide
-
-    def forward(self, x):
-        return (x - 0.3) / self.s if self.divide else self.s * x + 1.0
-
-
-class Functional(nn.Module):
-    """Activations and pools called through torch.nn.functional / tensor methods."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        if self.kind == "relu":
-            return F.relu(x)
-        if self.kind == "leaky":
-            return F.leaky_relu(x, 1.7)
-        if self.kind == "sigmoid":
-            return torch.sigmoid(x)
-        if self.kind == "tanh":
-            return x.tanh()
-        if self.kind == "maxpool":
-            return F.max_pool2d(x, 3, 2, 1)
-        if self.kind == "avgpool":
-            return F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
-        raise AssertionError(self.kind)
-
-
-class Head(nn.Module):
-    def __init__(self, n_in: int, n_out: int, softmax: bool):
-        super().__init__()
-        self.fc = nn.Linear(n_in, n_out)
-        self.softmax = softmax
-
-    def forward(self, x):
-        y = self.fc(x.flatten(1))
-        return F.softmax(y, dim=-1) if self.softmax else y
-
-
-ACTS = [
-    lambda: nn.ReLU(),
-    lambda: nn.ReLU6(),
-    lambda: nn.LeakyReLU(0.2),
-    lambda: nn.LeakyReLU(1.5),
-    lambda: nn.Tanh(),
-    lambda: nn.Sigmoid(),
-    lambda: nn.ELU(1.3),
-    lambda: nn.SiLU(),
-    lambda: nn.GELU(),
-    lambda: nn.Hardtanh(-0.5, 0.8),
-    lambda: nn.Softplus(2.0),
-    lambda: nn.Identity(),
-]
-
-
-def _pool_out(n, k, s, p, d=1, ceil=False):
-    return len(L._pool_1d_windows(n, k, s, p, d, ceil))
-
-
-@st.composite
-def random_nets(draw, max_blocks: int = 4):
-    """(net, input_shape): a float64 eval-mode network from every supported layer type."""
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    c = draw(st.integers(1, 3))
-    h = draw(st.integers(5, 9))
-    w = draw(st.integers(5, 9))
-    shape = (c, h, w)
-    layers: list[nn.Module] = []
-    for _ in range(draw(st.integers(1, max_blocks))):
-        kind = draw(
-            st.sampled_from(
-                ["conv", "convbn", "bn", "act", "maxpool", "avgpool", "adaptive", "residual",
-                 "concat", "scale", "dropout", "functional", "pad"]
-            )
-        )  # fmt: skip
-        if kind in ("conv", "convbn"):
-            k = draw(st.integers(1, 3))
-            s = draw(st.integers(1, 2))
-            d = draw(st.integers(1, 2))
-            p = draw(st.integers(0, 1))
-            groups = draw(st.sampled_from([1, c]))
-            c_out = groups * draw(st.integers(1, 2))
-            if d * (k - 1) + 1 > min(h, w) + 2 * p:
-                continue
-            if min(_pool_out(h, k, s, p, d), _pool_out(w, k, s, p, d)) < 2:
-                continue
-            layers.append(nn.Conv2d(c, c_out, k, s, p, d, groups=groups))
-            h, w, c = _pool_out(h, k, s, p, d), _pool_out(w, k, s, p, d), c_out
-            if kind == "convbn":
-                layers.append(nn.BatchNorm2d(c))
-        elif kind == "bn":
-            layers.append(nn.BatchNorm2d(c))
-        elif kind == "act":
-            layers.append(draw(st.sampled_from(ACTS))())
-        elif kind in ("maxpool", "avgpool"):
-            k = draw(st.integers(2, 3))
-            s = draw(st.integers(1, 2))
-            p = draw(st.integers(0, k // 2))
-            ceil = draw(st.booleans())
-            if kind == "maxpool":
-                d = draw(st.integers(1, 2))
-                if d * (k - 1) + 1 > min(h, w) + 2 * p:
-                    continue
-                layers.append(nn.MaxPool2d(k, s, p, d, ceil_mode=ceil))
-            else:
-                d = 1
-                if k > min(h, w) + 2 * p:
-                    continue
-                cip = draw(st.booleans())
-                div = draw(st.sampled_from([None, 2, 5]))
-                layers.append(nn.AvgPool2d(k, s, p, ceil, cip, div))
-            h, w = _pool_out(h, k, s, p, d, ceil), _pool_out(w, k, s, p, d, ceil)
-        elif kind == "adaptive":
-            oh, ow = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-            layers.append(
-                draw(st.sampled_from([nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d]))((oh, ow))
-            )
-            h, w = oh, ow
-        elif kind == "residual":
-            layers.append(Residual(c, draw(st.sampled_from(ACTS))()))
-        elif kind == "concat":
-            c_new = draw(st.integers(1, 2))
-            layers.append(Concat(c, c_new))
-            c += c_new
-        elif kind == "scale":
-            layers.append(Scale(c, draw(st.booleans()), g))
-        elif kind == "dropout":
-            layers.append(nn.Dropout(0.5))
-        elif kind == "pad":
-            layers.append(nn.ZeroPad2d((1, 0, 0, 1)))
-            h, w = h + 1, w + 1
-        else:
-            fk = draw(st.sampled_from(["relu", "leaky", "sigmoid", "tanh", "maxpool", "avgpool"]))
-            if fk in ("maxpool", "avgpool"):
-                if min(h, w) < 2:
-                    continue
-                h, w = _pool_out(h, 3, 2, 1), _pool_out(w, 3, 2, 1)
-            layers.append(Functional(fk))
-    layers.append(Head(c * h * w, draw(st.integers(2, 4)), draw(st.booleans())))
-    net = nn.Sequential(*layers).double()
-    for m in net.modules():  # non-trivial batch-norm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 1, generator=g)
-                m.running_var.uniform_(0.3, 3.0, generator=g)
-                m.weight.normal_(0, 1.5, generator=g)
-                m.bias.normal_(0, 1, generator=g)
-    net.eval()
-    return net, shape
 
 
 def dense_jacobian_norms(net, x):
@@ -271,10 +74,10 @@ def test_bound_is_never_violated(net_shape, seed):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_nets(max_blocks=3))
-def test_per_layer_constants_are_the_dense_layer_norms(net_shape):
+def test_per_layer_constants_are_thedense_layer_norms(net_shape):
     """With exact layer norms, every linear factor equals the dense norm of the (folded) layer."""
     net, shape = net_shape
-    est = L.lipschitz_product(net, shape, layer_norm=_dense_layer_norm, kind="upper")
+    est = L.lipschitz_product(net, shape, layer_norm=dense_layer_norm, kind="upper")
     for name, e in est.extra["layer_estimates"].items():
         assert est.extra["layers"][name] == pytest.approx(float(e.value), rel=1e-12)
     cert = L.lipschitz_bound(net, shape, cache=False)  # certified FFT norms: upper bounds
@@ -309,7 +112,7 @@ def test_overlapping_maxpool_constant_is_two_and_attained():
 def test_avg_pool_norm_is_exact(h, w, k, s, p, ceil, cip, div):
     if p > k // 2 or k > min(h, w) + 2 * p:
         return
-    norm, _ = L.avg_pool_norm((h, w), k, s, p, ceil, cip, div)
+    norm, _ = G.avg_pool_norm((h, w), k, s, p, ceil, cip, div)
 
     def f(v):
         return F.avg_pool2d(v.reshape(1, 1, h, w), k, s, p, ceil, cip, div).reshape(-1)
@@ -321,7 +124,7 @@ def test_avg_pool_norm_is_exact(h, w, k, s, p, ceil, cip, div):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 11), st.integers(1, 11), st.integers(1, 7), st.integers(1, 7))
 def test_adaptive_pools_are_exact(h, w, oh, ow):
-    norm, _ = L.avg_pool_norm((h, w), None, adaptive_output=(oh, ow))
+    norm, _ = G.avg_pool_norm((h, w), None, adaptive_output=(oh, ow))
 
     def f(v):
         return F.adaptive_avg_pool2d(v.reshape(1, 1, h, w), (oh, ow)).reshape(-1)
@@ -333,8 +136,8 @@ def test_adaptive_pools_are_exact(h, w, oh, ow):
     b = L.lipschitz_bound(net, (1, h, w), cache=False).value
     m = round(b**2)
     counts = torch.zeros(h, w)
-    for r in L._adaptive_windows(h, oh):
-        for c in L._adaptive_windows(w, ow):
+    for r in G.adaptive_windows_1d(h, oh):
+        for c in G.adaptive_windows_1d(w, ow):
             counts[r[0] : r[-1] + 1, c[0] : c[-1] + 1] += 1
     assert m == int(counts.max())
 
@@ -346,8 +149,8 @@ def test_activation_constants_are_max_slopes():
         ("gelu", {"approximate": "tanh"}),
         ("leaky_relu", {"negative_slope": -2.5}), ("softplus", {"beta": 3.0}), ("relu6", {}),
     ]:  # fmt: skip
-        slope = float(L.activation_derivative(kind, params, z).abs().max())
-        c = L.activation_constant(kind, params)
+        slope = float(G.activation_derivative(kind, params, z).abs().max())
+        c = G.activation_constant(kind, params)
         assert slope <= c <= slope + 2e-5, kind
     # the derivative formulas agree with autograd
     zz = torch.linspace(-5, 5, 1001, dtype=torch.float64)
@@ -358,7 +161,7 @@ def test_activation_constants_are_max_slopes():
         ("tanh", torch.tanh),
     ]:
         auto = torch.func.vmap(torch.func.grad(fn))(zz)
-        assert torch.allclose(L.activation_derivative(kind, {}, zz), auto, atol=1e-12), kind
+        assert torch.allclose(G.activation_derivative(kind, {}, zz), auto, atol=1e-12), kind
 
 
 def test_softmax_constant_one_half():
@@ -396,7 +199,7 @@ def test_batchnorm_is_folded_into_the_conv_and_tighter():
         bn.running_var.copy_(torch.tensor([0.01, 1.0, 4.0]))
         bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
     net = nn.Sequential(conv, bn).double().eval()
-    b = L.lipschitz_product(net, (2, 6, 6), layer_norm=_dense_layer_norm)
+    b = L.lipschitz_product(net, (2, 6, 6), layer_norm=dense_layer_norm)
     assert b.extra["folded"] == {"0": "1"}
 
     def f(v):
@@ -406,7 +209,7 @@ def test_batchnorm_is_folded_into_the_conv_and_tighter():
     exact = float(torch.linalg.matrix_norm(J, 2))
     assert b.value == pytest.approx(exact, rel=1e-10)  # folding is exact for conv + BN
     unfolded = nn.Sequential(conv, nn.Identity(), bn).double().eval()
-    b2 = L.lipschitz_product(unfolded, (2, 6, 6), layer_norm=_dense_layer_norm)
+    b2 = L.lipschitz_product(unfolded, (2, 6, 6), layer_norm=dense_layer_norm)
     assert b2.extra["folded"] == {} and b2.value > b.value * 1.2
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().max()
     assert b2.value == pytest.approx(b2.extra["layers"]["0"] * float(scale), rel=1e-12)
@@ -434,9 +237,9 @@ def test_log2_is_exact_where_the_float_overflows():
             lin.weight.copy_(torch.diag(torch.tensor([16.0, 1.0])))
         layers.append(lin)
     net = nn.Sequential(*layers).eval()
-    b = L.lipschitz_product(net, (2,), layer_norm=_dense_layer_norm)
+    b = L.lipschitz_product(net, (2,), layer_norm=dense_layer_norm)
     assert b.extra["log2"] == pytest.approx(1200.0, rel=1e-12) and b.value == math.inf
-    assert L.log2_sum([1200.0, 1200.0]) == pytest.approx(1201.0)
+    assert G.log2_sum([1200.0, 1200.0]) == pytest.approx(1201.0)
 
 
 def test_large_convs_are_certified_by_lanczos_and_cholesky(monkeypatch):
@@ -488,21 +291,21 @@ def _counts(plan):
 def test_zoo_architectures_trace_and_reduce():
     from sensitivity_lib import zoo
 
-    alex = L.build_plan(zoo.torchvision_model("alexnet", weights=None).eval(), (3, 96, 96))
+    alex = G.build_plan(zoo.torchvision_model("alexnet", weights=None).eval(), (3, 96, 96))
     pools = [s.const for s in alex.steps if s.op == "maxpool"]
     assert pools == [2.0, 2.0, 2.0] and _counts(alex)["linear"] == 8
-    vgg = L.build_plan(zoo.torchvision_model("vgg19", weights=None).eval(), (3, 64, 64))
+    vgg = G.build_plan(zoo.torchvision_model("vgg19", weights=None).eval(), (3, 64, 64))
     assert [s.const for s in vgg.steps if s.op == "maxpool"] == [1.0] * 5
     assert _counts(vgg)["linear"] == 19
-    res = L.build_plan(zoo.torchvision_model("resnet50", weights=None).eval(), (3, 64, 64))
+    res = G.build_plan(zoo.torchvision_model("resnet50", weights=None).eval(), (3, 64, 64))
     c = _counts(res)
     assert c["linear"] == 54 and c["add"] == 16 and c["diag"] == 1  # 53 BN folded; 1 / std
-    dense = L.build_plan(zoo.torchvision_model("densenet121", weights=None).eval(), (3, 64, 64))
+    dense = G.build_plan(zoo.torchvision_model("densenet121", weights=None).eval(), (3, 64, 64))
     c = _counts(dense)
     # 58 dense layers concatenate their inputs, 4 blocks their outputs; 120 convs + 1 linear;
     # BN after a conv is folded (59), BN after a concatenation is a diagonal (62), plus 1 / std
     assert c["cat"] == 62 and c["linear"] == 121 and c["diag"] == 63
-    eff = L.build_plan(zoo.efficientnet_lite0().eval(), (3, 64, 64))
+    eff = G.build_plan(zoo.efficientnet_lite0().eval(), (3, 64, 64))
     c = _counts(eff)
     assert c["linear"] == 50 and c["add"] == 9 and c.get("diag", 0) == 1  # BN folded; 1/std
     assert {s.kind for s in eff.steps if s.op == "act"} == {"relu6"}

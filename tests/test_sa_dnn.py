@@ -7,8 +7,8 @@ from scipy import ndimage
 
 from sensitivity_lib import zoo
 from sensitivity_lib.data import ImageSet
-from sensitivity_lib.outliers import shift_image, synthetic_outliers
-from sensitivity_lib.sa_dnn import (
+from sensitivity_lib.influence.outliers import shift_image, synthetic_outliers
+from sensitivity_lib.influence.sa_dnn import (
     recalibrate_bn,
     sa_densenet121,
     sa_resnet50,

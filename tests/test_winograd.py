@@ -85,9 +85,9 @@ def test_conv_operator_uses_it_for_the_same_map():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *shape, generator=g)
     y = torch.randn(2, 256, 56, 56, generator=g)
-    fx, dx = fast.forward(x), direct.forward(x)
+    fx, dx = fast.matvec(x), direct.matvec(x)
     assert float((fx - dx).norm() / dx.norm()) < 2e-5
-    fy, dy = fast.adjoint(y), direct.adjoint(y)
+    fy, dy = fast.rmatvec(y), direct.rmatvec(y)
     assert float((fy - dy).norm() / dy.norm()) < 2e-5
     # still (numerically) each other's adjoint
     lhs, rhs = (fx * y).sum(dtype=torch.float64), (x * fy).sum(dtype=torch.float64)
@@ -95,5 +95,5 @@ def test_conv_operator_uses_it_for_the_same_map():
     # and the norm computed through it agrees with the float64 direct evaluation it reports
     est = operator_norm(conv, shape, "lanczos", tol=1e-3)
     v = est.extra["vector"].double()
-    exact = float(conv_operator(conv, shape, torch.float64).forward(v[None]).norm() / v.norm())
+    exact = float(conv_operator(conv, shape, torch.float64).matvec(v[None]).norm() / v.norm())
     assert math.isclose(est.value, exact, rel_tol=1e-12)

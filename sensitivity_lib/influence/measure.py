@@ -32,7 +32,8 @@ Its regularisation depends on ``p`` only, so it loses invariance through the abs
 
 Input space: images ``x`` of shape ``(N, Ch, H, W)`` (any ``(N, ...)`` for ``"input"``), pixels in
 ``[0, 1]`` as the :mod:`sensitivity_lib.zoo` models take them; the model returns logits ``(N, C)``.
-The model is evaluated in eval mode (dropout off, batch norm on running statistics), so the
+The model must be in eval mode (dropout off, batch norm on running statistics; the library's one
+policy, :func:`sensitivity_lib.validation.check_eval`, raises otherwise), so the
 images of a batch do not interact and one backward pass per class serves the whole batch.
 
 Shapes of :attr:`Influence.value`: ``(N,)`` for ``"input"`` and ``"params"``, ``(N, Ch, H, W)``
@@ -54,7 +55,6 @@ torch.Size([4, 1, 4, 4])
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp
+
+from sensitivity_lib.opnorm import conv_padding
+from sensitivity_lib.validation import check_batch, check_eval, check_labels, fingerprint
 
 __all__ = [
     "Influence",
@@ -306,57 +309,19 @@ def _grad_norm_from_gram(M: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mode
 
 
 # --------------------------------------------------------------------------------------------
-# helpers: validation, eval mode, labels
+# helpers: validation, labels, batches
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.train(t)
-
-
-def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
-            raise ValueError(
-                f"module {name!r} is a batch norm without running statistics, so the images of a "
-                "batch interact even in eval mode; FI needs per-image predictions "
-                "(use track_running_stats=True)"
-            )
-
-
 def _check_x(x: torch.Tensor, wrt: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of images (N, Ch, H, W), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor (pixels in [0, 1]), got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    if wrt == "pixels" and x.dim() != 4:
-        raise ValueError(f"wrt='pixels' needs images (N, Ch, H, W), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+    check_batch(x, ndim=4 if wrt == "pixels" else None)
 
 
-def _labels(y: Any, n: int, C: int, z: torch.Tensor) -> torch.Tensor:
+def _labels(y: Any, n: int, z: torch.Tensor) -> torch.Tensor:
+    """The labels of ``f = log p_y``: given (checked), or the predicted ones."""
     if y is None:
         return z.argmax(-1).to(torch.long)
-    y = torch.as_tensor(y, device=z.device)
-    if y.dim() == 0:
-        y = y.expand(n)
-    if y.shape != (n,) or y.is_floating_point():
-        raise ValueError(f"y must hold one integer label per image ({n}), got {tuple(y.shape)}")
-    if (y < 0).any() or (y >= C).any():
-        raise ValueError(f"labels must lie in [0, {C}), got min {int(y.min())}, max {int(y.max())}")
-    return y.to(torch.long)
+    return check_labels(y, n, z.shape[-1]).to(z.device)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -370,14 +335,6 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _state_key(model: nn.Module) -> tuple:
-    """Identity and in-place version of every tensor of ``model`` (changes when it is trained)."""
-    ts = list(model.parameters()) + list(model.buffers())
-    return tuple((id(t), t._version, t.dtype, t.device) for t in ts) + (
-        tuple(m.training for m in model.modules()),
-    )
 
 
 def _inference_copy(model: nn.Module) -> nn.Module:
@@ -394,7 +351,7 @@ def _inference_copy(model: nn.Module) -> nn.Module:
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
     ):
         return model
-    key = _state_key(model)
+    key = fingerprint(model)
     hit = _FUSED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -464,14 +421,6 @@ def _hookable(m: nn.Module, own: list[str]) -> bool:
     return True
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True))
-    return tuple(m.padding)
-
-
 def _gram_from_rows(g: torch.Tensor) -> torch.Tensor:
     """``g``: (B, C, D) per-sample, per-class gradients -> (B, C, C) float64."""
     g = g.reshape(g.shape[0], g.shape[1], -1).to(torch.float64)
@@ -510,7 +459,8 @@ def _module_gram(m: nn.Module, own: list[str], calls: list[tuple[torch.Tensor, t
             if "bias" in own:
                 blocks.append(d2.sum(2))
         elif isinstance(m, nn.Conv2d):
-            pad = _conv_padding(m)
+            pt, _, pl, _ = conv_padding(m)  # symmetric here (_hookable)
+            pad = (pt, pl)
             U = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
             g_ = m.groups
             T = U.shape[-1]
@@ -665,7 +615,7 @@ def logit_grams(
     Parameters
     ----------
     model
-        Returns logits ``(N, C)``; evaluated in eval mode.
+        Returns logits ``(N, C)``; in eval mode.
     x
         Images ``(N, ...)``.
     wrt
@@ -692,52 +642,51 @@ def logit_grams(
     """
     if wrt not in _WRTS:
         raise ValueError(f"wrt must be one of {_WRTS}, got {wrt!r}")
-    _check_model(model)
+    check_eval(model)
     _check_x(x, wrt)
     if method not in ("auto", "hooks", "functorch"):
         raise ValueError(f"method must be 'auto', 'hooks' or 'functorch', got {method!r}")
     N = x.shape[0]
     zs: list[torch.Tensor] = []
-    with _eval_mode(model):
-        if wrt in ("input", "pixels"):
-            bs = batch_size or _map_batch(_n_classes(model, x[:1]), x[0].numel(), wrt == "pixels")
-            parts = []
-            for sl in _chunks(N, bs):
-                z, J = _input_jacobian(model, x[sl])
-                J = J.to(torch.float64) / _on(input_scale, J)
-                zs.append(z)
-                if wrt == "input":
-                    Jf = J.reshape(J.shape[0], J.shape[1], -1)
-                    parts.append(Jf @ Jf.mT)
-                else:
-                    parts.append(torch.einsum("bichw,bjchw->bchwij", J, J))
-            return torch.cat(zs), torch.cat(parts)
-        mods = _param_modules(model)
-        use_hooks = method == "hooks" or (
-            method == "auto" and all(_hookable(m, own) for _, m, own in mods)
-        )
-        if use_hooks:
-            bad = [n for n, m, own in mods if not _hookable(m, own)]
-            if bad:
-                raise NotImplementedError(
-                    f"method='hooks' supports Linear, Conv2d (zero padding), BatchNorm and "
-                    f"LayerNorm modules; these are not: {bad[:5]}. Use method='functorch'."
-                )
-        bs = batch_size or 8
-        acc: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in mods}
+    if wrt in ("input", "pixels"):
+        bs = batch_size or _map_batch(_n_classes(model, x[:1]), x[0].numel(), wrt == "pixels")
+        parts = []
         for sl in _chunks(N, bs):
-            if use_hooks:
-                z, g = _hooks_grams(model, x[sl], mods)
-            else:
-                z, g = _functorch_grams(model, x[sl], mods, chunk_size)
+            z, J = _input_jacobian(model, x[sl])
+            J = J.to(torch.float64) / _on(input_scale, J)
             zs.append(z)
-            for n in acc:
-                acc[n].append(g[n])
-        grams = {n: torch.cat(v) for n, v in acc.items()}
-        z = torch.cat(zs)
-        if wrt == "params":
-            return z, sum(grams.values())
-        return z, grams
+            if wrt == "input":
+                Jf = J.reshape(J.shape[0], J.shape[1], -1)
+                parts.append(Jf @ Jf.mT)
+            else:
+                parts.append(torch.einsum("bichw,bjchw->bchwij", J, J))
+        return torch.cat(zs), torch.cat(parts)
+    mods = _param_modules(model)
+    use_hooks = method == "hooks" or (
+        method == "auto" and all(_hookable(m, own) for _, m, own in mods)
+    )
+    if use_hooks:
+        bad = [n for n, m, own in mods if not _hookable(m, own)]
+        if bad:
+            raise NotImplementedError(
+                f"method='hooks' supports Linear, Conv2d (zero padding), BatchNorm and "
+                f"LayerNorm modules; these are not: {bad[:5]}. Use method='functorch'."
+            )
+    bs = batch_size or 8
+    acc: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in mods}
+    for sl in _chunks(N, bs):
+        if use_hooks:
+            z, g = _hooks_grams(model, x[sl], mods)
+        else:
+            z, g = _functorch_grams(model, x[sl], mods, chunk_size)
+        zs.append(z)
+        for n in acc:
+            acc[n].append(g[n])
+    grams = {n: torch.cat(v) for n, v in acc.items()}
+    z = torch.cat(zs)
+    if wrt == "params":
+        return z, sum(grams.values())
+    return z, grams
 
 
 def _on(scale: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
@@ -830,7 +779,7 @@ def fi(
     ----------
     model
         A classifier returning logits ``(N, C)`` (e.g. a :mod:`sensitivity_lib.zoo` model, which
-        takes pixels in ``[0, 1]``). Evaluated in eval mode; its training flags are restored.
+        takes pixels in ``[0, 1]``), in eval mode.
     x
         Images ``(N, Ch, H, W)`` (or any ``(N, ...)`` for ``wrt="input"``).
     y
@@ -885,7 +834,7 @@ def fi(
     C = p.shape[-1]
     if C < 2:
         raise ValueError("the model must have at least 2 classes")
-    yl = _labels(y, x.shape[0], C, z)
+    yl = _labels(y, x.shape[0], z)
     kw = dict(eps=st["eps"], rtol=st["rtol"], atol=st["atol"], return_eigvals=st["return_eigvals"])
     method = _method_name(wrt, model, st["method"])
     res = {}
@@ -963,7 +912,7 @@ def fi_maps(
     scales = tuple(scales)
     if not scales or not all(isinstance(s, int) and s >= 0 for s in scales):
         raise ValueError(f"scales must be ints s >= 0, got {scales!r}")
-    _check_model(model)
+    check_eval(model)
     N = x.shape[0]
     need_gram = st["return_eigvals"] or any(s > 0 for s in scales)
     kw = dict(eps=st["eps"], rtol=st["rtol"], atol=st["atol"], return_eigvals=st["return_eigvals"])
@@ -972,34 +921,33 @@ def fi_maps(
     gns = {s: [] for s in scales}
     eigs = {s: [] for s in scales}
     zs, ys = [], []
-    with _eval_mode(model):
-        bs = st["batch_size"] or _map_batch(_n_classes(model, x[:1]), x[0].numel(), need_gram)
-        for sl in _chunks(N, bs):
-            z, J = _input_jacobian(model, x[sl])
-            if J.shape[1] < 2:
-                raise ValueError("the model must have at least 2 classes")
-            zs.append(z)
-            p = torch.softmax(z.to(torch.float64), -1)
-            yl = _labels(None if y is None else _slice_y(y, N)[sl], z.shape[0], z.shape[1], z)
-            ys.append(yl)
-            J = J.to(torch.float64) / _on(st["input_scale"], J)
-            O = torch.einsum("bichw,bjchw->bchwij", J, J) if need_gram else None
-            B, Ch, H, W = J.shape[0], J.shape[2], J.shape[3], J.shape[4]
-            pe = p[:, None, None, None, :].expand(B, Ch, H, W, p.shape[-1])
-            ye = yl[:, None, None, None].expand(B, Ch, H, W)
-            for s in scales:
-                if s == 0 and not st["return_eigvals"]:
-                    out = _fi_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, **kw)
-                    gn = _grad_norm_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, st["eps"])
-                else:
-                    Os = _box_filter(O, s)
-                    out = fi_from_gram(Os, pe, ye, mode, **kw)
-                    gn = _grad_norm_from_gram(Os, pe, ye, mode, st["eps"])
-                vals[s].append(out[0])
-                ranks[s].append(out[1])
-                gns[s].append(gn)
-                if st["return_eigvals"]:
-                    eigs[s].append(out[2])
+    bs = st["batch_size"] or _map_batch(_n_classes(model, x[:1]), x[0].numel(), need_gram)
+    for sl in _chunks(N, bs):
+        z, J = _input_jacobian(model, x[sl])
+        if J.shape[1] < 2:
+            raise ValueError("the model must have at least 2 classes")
+        zs.append(z)
+        p = torch.softmax(z.to(torch.float64), -1)
+        yl = _labels(None if y is None else _slice_y(y, N)[sl], z.shape[0], z)
+        ys.append(yl)
+        J = J.to(torch.float64) / _on(st["input_scale"], J)
+        O = torch.einsum("bichw,bjchw->bchwij", J, J) if need_gram else None
+        B, Ch, H, W = J.shape[0], J.shape[2], J.shape[3], J.shape[4]
+        pe = p[:, None, None, None, :].expand(B, Ch, H, W, p.shape[-1])
+        ye = yl[:, None, None, None].expand(B, Ch, H, W)
+        for s in scales:
+            if s == 0 and not st["return_eigvals"]:
+                out = _fi_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, **kw)
+                gn = _grad_norm_scalar(J.permute(0, 2, 3, 4, 1), pe, ye, mode, st["eps"])
+            else:
+                Os = _box_filter(O, s)
+                out = fi_from_gram(Os, pe, ye, mode, **kw)
+                gn = _grad_norm_from_gram(Os, pe, ye, mode, st["eps"])
+            vals[s].append(out[0])
+            ranks[s].append(out[1])
+            gns[s].append(gn)
+            if st["return_eigvals"]:
+                eigs[s].append(out[2])
     z = torch.cat(zs)
     yl = torch.cat(ys)
     p = torch.softmax(z.to(torch.float64), -1)
@@ -1050,7 +998,7 @@ def fi_direction(
     torch.Tensor
         ``(N,)`` or ``(K, N)`` float64; 0 where ``v^T G v = 0``.
     """
-    _check_model(model)
+    check_eval(model)
     _check_x(x, "input")
     if v.shape[-x.dim():] != x.shape or v.dim() not in (x.dim(), x.dim() + 1):
         raise ValueError(f"v must have shape {tuple(x.shape)} or (K, *{tuple(x.shape)}), "
@@ -1058,20 +1006,19 @@ def fi_direction(
     vs = v if v.dim() == x.dim() + 1 else v[None]
     K, N = vs.shape[0], x.shape[0]
     x = x.detach()
-    with _eval_mode(model):
-        with torch.no_grad():
-            z = model(x)
-        p = torch.softmax(z.to(torch.float64), -1)
-        yl = _labels(y, N, p.shape[-1], z)
-        c = F.one_hot(yl, p.shape[-1]).to(p) - p  # d log p_y / d z
-        flat = vs.detach().to(x.dtype).reshape(K * N, *x.shape[1:])
-        reps = max(1, batch_size // N)  # directions per jvp call
-        us = []
-        for s in range(0, K, reps):
-            e = min(K, s + reps)
-            xr = x.repeat(e - s, *([1] * (x.dim() - 1)))
-            _, u = jvp(model, (xr,), (flat[s * N : e * N],))
-            us.append(u.detach().to(torch.float64))
+    with torch.no_grad():
+        z = model(x)
+    p = torch.softmax(z.to(torch.float64), -1)
+    yl = _labels(y, N, z)
+    c = F.one_hot(yl, p.shape[-1]).to(p) - p  # d log p_y / d z
+    flat = vs.detach().to(x.dtype).reshape(K * N, *x.shape[1:])
+    reps = max(1, batch_size // N)  # directions per jvp call
+    us = []
+    for s in range(0, K, reps):
+        e = min(K, s + reps)
+        xr = x.repeat(e - s, *([1] * (x.dim() - 1)))
+        _, u = jvp(model, (xr,), (flat[s * N : e * N],))
+        us.append(u.detach().to(torch.float64))
     u = torch.cat(us).reshape(K, N, -1)
     num = (c * u).sum(-1) ** 2
     den = (p * u * u).sum(-1) - (p * u).sum(-1) ** 2
@@ -1138,42 +1085,41 @@ def reference_loop(
     """
     if wrt not in ("input", "pixels", "layers"):
         raise ValueError(f"wrt must be 'input', 'pixels' or 'layers', got {wrt!r}")
-    _check_model(model)
+    check_eval(model)
     _check_x(x, wrt)
     mods = _param_modules(model)
     params = [p for _, m, own in mods for p in (getattr(m, q) for q in own)]
     out = []
-    with _eval_mode(model):
-        for i in range(x.shape[0]):
-            rows, prob = [], None
-            for k in range(_n_classes(model, x[:1])):
-                x1 = x[i : i + 1].detach().requires_grad_(wrt != "layers")
-                with torch.enable_grad():
-                    p = torch.softmax(model(x1).to(torch.float64), -1)[0]
-                    prob = p.detach()
-                    if wrt == "layers":
-                        gs = torch.autograd.grad(p[k], params)
-                        rows.append([g.reshape(-1).to(torch.float64) for g in gs])
-                    else:
-                        (g,) = torch.autograd.grad(p[k], x1)
-                        rows.append(g.reshape(-1).to(torch.float64))
-            prob_np = prob.cpu().numpy()
-            y = int(prob_np.argmax())
-            if wrt == "input":
-                grad = torch.stack(rows, 1).cpu().numpy() / 255.0
-                out.append(svd_chain_reference(grad, prob_np, y, eps))
-            elif wrt == "pixels":
-                grad = torch.stack(rows, 1).cpu().numpy() / 255.0
-                out.append([svd_chain_reference(g[None], prob_np, y, eps) for g in grad])
-            else:
-                vals, j = [], 0
-                for _, _, own in mods:
-                    n = len(own)
-                    cols = [torch.cat(r[j : j + n]) for r in rows]
-                    grad = torch.stack(cols, 1).cpu().numpy()
-                    vals.append(svd_chain_reference(grad, prob_np, y, eps))
-                    j += n
-                out.append(vals)
+    for i in range(x.shape[0]):
+        rows, prob = [], None
+        for k in range(_n_classes(model, x[:1])):
+            x1 = x[i : i + 1].detach().requires_grad_(wrt != "layers")
+            with torch.enable_grad():
+                p = torch.softmax(model(x1).to(torch.float64), -1)[0]
+                prob = p.detach()
+                if wrt == "layers":
+                    gs = torch.autograd.grad(p[k], params)
+                    rows.append([g.reshape(-1).to(torch.float64) for g in gs])
+                else:
+                    (g,) = torch.autograd.grad(p[k], x1)
+                    rows.append(g.reshape(-1).to(torch.float64))
+        prob_np = prob.cpu().numpy()
+        y = int(prob_np.argmax())
+        if wrt == "input":
+            grad = torch.stack(rows, 1).cpu().numpy() / 255.0
+            out.append(svd_chain_reference(grad, prob_np, y, eps))
+        elif wrt == "pixels":
+            grad = torch.stack(rows, 1).cpu().numpy() / 255.0
+            out.append([svd_chain_reference(g[None], prob_np, y, eps) for g in grad])
+        else:
+            vals, j = [], 0
+            for _, _, own in mods:
+                n = len(own)
+                cols = [torch.cat(r[j : j + n]) for r in rows]
+                grad = torch.stack(cols, 1).cpu().numpy()
+                vals.append(svd_chain_reference(grad, prob_np, y, eps))
+                j += n
+            out.append(vals)
     return np.asarray(out, dtype=np.float64)
 
 
@@ -1211,7 +1157,7 @@ def flip_top_pixels(
         ``"drop"``: ``(len(ks), N)`` drops ``log p_y(x) - log p_y(x')`` (float64);
         ``"changed"``: ``(len(ks), N)`` bool, the prediction changed.
     """
-    _check_model(model)
+    check_eval(model)
     _check_x(x, "pixels")
     if score.shape != x.shape:
         raise ValueError(f"score must have the shape of x {tuple(x.shape)}, got {tuple(score.shape)}")
@@ -1220,23 +1166,22 @@ def flip_top_pixels(
     if any(k < 0 or k > D for k in ks):
         raise ValueError(f"every k must lie in [0, {D}], got {ks}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    with _eval_mode(model):
-        z0 = model(x).to(torch.float64)
-        yl = z0.argmax(-1) if y is None else torch.as_tensor(y).long()
-        lp0 = torch.log_softmax(z0, -1).gather(1, yl[:, None])[:, 0]
-        pred0 = z0.argmax(-1)
-        perm = torch.randperm(D, generator=g)  # random tie-break
-        sc = score.reshape(N, D)[:, perm].to(torch.float64)
-        order = perm[torch.sort(sc, dim=1, descending=True, stable=True).indices]
-        drops, changed = [], []
-        flat = x.reshape(N, D)
-        for k in ks:
-            xx = flat.clone()
-            idx = order[:, :k]
-            xx.scatter_(1, idx, 1 - flat.gather(1, idx))
-            z = model(xx.reshape(x.shape)).to(torch.float64)
-            drops.append(lp0 - torch.log_softmax(z, -1).gather(1, yl[:, None])[:, 0])
-            changed.append(z.argmax(-1) != pred0)
+    z0 = model(x).to(torch.float64)
+    yl = z0.argmax(-1) if y is None else torch.as_tensor(y).long()
+    lp0 = torch.log_softmax(z0, -1).gather(1, yl[:, None])[:, 0]
+    pred0 = z0.argmax(-1)
+    perm = torch.randperm(D, generator=g)  # random tie-break
+    sc = score.reshape(N, D)[:, perm].to(torch.float64)
+    order = perm[torch.sort(sc, dim=1, descending=True, stable=True).indices]
+    drops, changed = [], []
+    flat = x.reshape(N, D)
+    for k in ks:
+        xx = flat.clone()
+        idx = order[:, :k]
+        xx.scatter_(1, idx, 1 - flat.gather(1, idx))
+        z = model(xx.reshape(x.shape)).to(torch.float64)
+        drops.append(lp0 - torch.log_softmax(z, -1).gather(1, yl[:, None])[:, 0])
+        changed.append(z.argmax(-1) != pred0)
     return {"drop": torch.stack(drops), "changed": torch.stack(changed)}
 
 

@@ -24,7 +24,10 @@ has 242 (120 convolutions, 121 batch norms, 1 dense), as Keras lists them.
 sizes; the book trains narrower copies on two CPU cores and says so.
 
 Input: *normalised* images ``(N, in_channels, H, W)``; the builders return the raw network, and
-:mod:`sensitivity_lib.zoo` wraps it with its mean and std when registered (see :func:`register`).
+:mod:`sensitivity_lib.zoo` wraps it with its mean and std: the zoo registers these builders as
+``"sa_resnet50"``, ``"sa_densenet121"`` (MNIST, 1x28x28) and ``"sa_resnet50_cifar"``,
+``"sa_densenet121_cifar"`` (CIFAR-10, 3x32x32), so ``zoo.Recipe("sa_resnet50",
+arch_kwargs=(("width", 8),))`` trains a narrow copy.
 Output: logits ``(N, num_classes)`` (the Keras models end in a softmax; here the softmax is left to
 the loss and to the influence measure).
 
@@ -50,20 +53,11 @@ __all__ = [
     "sa_resnet50",
     "sa_densenet121",
     "trainable_modules",
-    "register",
     "recalibrate_bn",
-    "REGISTERED",
-    "MNIST_MEAN",
-    "MNIST_STD",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
 ]
 
 BN_EPS = 1e-3  # Keras BatchNormalization default
 
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -324,35 +318,3 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 100
             m.momentum = mom
         model.eval()
     return model
-
-
-def register() -> list[str]:
-    """Register the SA_DNN architectures with :mod:`sensitivity_lib.zoo` (done on import).
-
-    ``sa_resnet50`` and ``sa_densenet121`` are the MNIST versions (1x28x28, MNIST mean and std);
-    ``sa_resnet50_cifar`` and ``sa_densenet121_cifar`` the CIFAR-10 ones (3x32x32). Narrow copies
-    come through the recipe, e.g. ``zoo.Recipe("sa_resnet50", arch_kwargs=(("width", 8),))``.
-    Calling it twice is harmless.
-
-    Returns
-    -------
-    list of str
-        The registered names.
-    """
-    from sensitivity_lib import zoo
-
-    specs = [
-        ("", MNIST_MEAN, MNIST_STD, (1, 28, 28)),
-        ("_cifar", CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32)),
-    ]
-    names = []
-    for suffix, mean, std, shape in specs:
-        for base, builder in (("sa_resnet50", sa_resnet50), ("sa_densenet121", sa_densenet121)):
-            zoo.register_architecture(
-                base + suffix, builder, mean=mean, std=std, input_shape=shape
-            )
-            names.append(base + suffix)
-    return names
-
-
-REGISTERED = register()

@@ -1,0 +1,70 @@
+"""Part I: a condition number for a whole network (Maheshwari et al., arXiv:2307.12679).
+
+The relative condition number ``kappa(x) = ||J(x)|| ||x|| / ||f(x)||`` of a network at an input, in
+the 2-norm, on the model's input space ([0, 1] pixels for the book's models), and what it predicts.
+
+Modules
+-------
+lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
+local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
+              product; where the network is not differentiable
+approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
+perturbation  random and gradient directions, observed amplification, the smallest flipping step
+precision     rounding to fewer bits, and the input bit-width a condition number predicts
+peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
+
+The functions are re-exported here: ``condition.local_condition(model, x)``.
+"""
+
+from sensitivity_lib.condition.approximate import APPROXIMATIONS, approximate_condition
+from sensitivity_lib.condition.lipschitz import (
+    certified_layer_norm,
+    global_condition,
+    layerwise_condition,
+    linear_norm_upper,
+    lipschitz_bound,
+    lipschitz_product,
+)
+from sensitivity_lib.condition.local import (
+    jacobian_norm,
+    jacobian_operator,
+    kink_fractions,
+    local_condition,
+    masked_product_condition,
+)
+from sensitivity_lib.condition.peers import clever_l2
+from sensitivity_lib.condition.perturbation import (
+    amplification,
+    gradient_direction,
+    max_amplification,
+    random_directions,
+    rounding_flip_bits,
+    smallest_flip,
+)
+from sensitivity_lib.condition.precision import min_input_bits, round_significand, round_to_levels
+
+__all__ = [
+    "APPROXIMATIONS",
+    "amplification",
+    "approximate_condition",
+    "certified_layer_norm",
+    "clever_l2",
+    "global_condition",
+    "gradient_direction",
+    "jacobian_norm",
+    "jacobian_operator",
+    "kink_fractions",
+    "layerwise_condition",
+    "linear_norm_upper",
+    "lipschitz_bound",
+    "lipschitz_product",
+    "local_condition",
+    "masked_product_condition",
+    "max_amplification",
+    "min_input_bits",
+    "random_directions",
+    "round_significand",
+    "round_to_levels",
+    "rounding_flip_bits",
+    "smallest_flip",
+]
