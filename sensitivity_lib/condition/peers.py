@@ -10,10 +10,10 @@ Input space: [0, 1] pixels (the model normalises them itself); norm: the 2-norm 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from sensitivity_lib.condition._art import art_classifier, draw_seed, import_art, seeded, to_numpy
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.validation import check_model_input
 
@@ -66,52 +66,27 @@ def clever_l2(
     Estimate
         ``value`` float64 (N,), ``kind="estimate"``, ``method="clever_u"`` or ``"clever_t"``.
     """
-    import warnings
-
-    with warnings.catch_warnings():  # ART imports tqdm.auto, which warns without ipywidgets
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        from art.estimators.classification import PyTorchClassifier
-        from art.metrics import clever_t, clever_u
-
     check_model_input(model, x)
+    art = import_art()
     with torch.no_grad():
         logits = model(x)
     nb_classes = logits.shape[1]
-    clf = PyTorchClassifier(
-        model=model,
-        loss=nn.CrossEntropyLoss(),
-        input_shape=tuple(x.shape[1:]),
-        nb_classes=nb_classes,
-        clip_values=(0.0, 1.0),
-        device_type="gpu" if x.is_cuda else "cpu",
-    )
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    state = np.random.get_state()  # noqa: NPY002 - ART samples from the global NumPy state
+    clf = art_classifier(model, tuple(x.shape[1:]), nb_classes, (0.0, 1.0), x.device)
+    seed = draw_seed(generator)
     scores = []
-    try:
-        np.random.seed(seed)  # noqa: NPY002
+    with seeded(seed):
         for i in range(len(x)):
-            xi = x[i].detach().cpu().numpy().astype(np.float32)
+            xi = to_numpy(x[i])
             if target is None:
-                s = clever_u(
-                    clf,
-                    xi,
-                    nb_batches,
-                    batch_size,
-                    radius,
-                    norm=2,
-                    pool_factor=pool_factor,
-                    verbose=False,
+                s = art.metrics.clever_u(
+                    clf, xi, nb_batches, batch_size, radius, norm=2, pool_factor=pool_factor, verbose=False
                 )
             else:
-                if target == "runner_up":
-                    j = int(logits[i].topk(2).indices[1])
-                else:
-                    j = int(target)
-                s = clever_t(clf, xi, j, nb_batches, batch_size, radius, norm=2, pool_factor=pool_factor)
+                j = int(logits[i].topk(2).indices[1]) if target == "runner_up" else int(target)
+                s = art.metrics.clever_t(
+                    clf, xi, j, nb_batches, batch_size, radius, norm=2, pool_factor=pool_factor
+                )
             scores.append(float(s))
-    finally:
-        np.random.set_state(state)  # noqa: NPY002
     return Estimate(
         value=torch.tensor(scores, dtype=torch.float64),
         kind="estimate",

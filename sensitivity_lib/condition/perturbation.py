@@ -37,6 +37,7 @@ from sensitivity_lib.search import flip_search
 from sensitivity_lib.validation import check_batch, check_model_input
 
 __all__ = [
+    "NOISE_KINDS",
     "random_directions",
     "gradient_direction",
     "smallest_flip",
@@ -51,9 +52,28 @@ def _unit(d: torch.Tensor) -> torch.Tensor:
     return d / n.view(-1, *([1] * (d.ndim - 1)))
 
 
-def random_directions(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gaussian directions of unit L2 norm per sample: shape ``(N, ...)``."""
-    return _unit(torch.randn(shape, generator=generator))
+#: The kinds of random direction :func:`random_directions` draws.
+NOISE_KINDS: tuple[str, ...] = ("gaussian", "uniform", "rademacher")
+
+
+def random_directions(
+    shape: tuple[int, ...], generator: torch.Generator | None = None, *, kind: str = "gaussian"
+) -> torch.Tensor:
+    """Random directions of unit L2 norm per sample: shape ``(N, ...)``, float32.
+
+    ``kind``: ``"gaussian"`` (independent standard normal entries: a direction uniform on the sphere),
+    ``"uniform"`` (entries uniform on [-1, 1]) or ``"rademacher"`` (entries +-1 with equal odds),
+    each then scaled to unit Euclidean norm per sample.
+    """
+    if kind == "gaussian":
+        d = torch.randn(shape, generator=generator)
+    elif kind == "uniform":
+        d = 2 * torch.rand(shape, generator=generator) - 1
+    elif kind == "rademacher":
+        d = 2 * torch.randint(0, 2, shape, generator=generator).to(torch.float32) - 1
+    else:
+        raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
+    return _unit(d)
 
 
 def gradient_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
