@@ -7,7 +7,7 @@ Timed, per image, on the same image and thread count:
   computed once per network (its time is shown separately, ``L once``);
 * ``first_order_radius``: :func:`sensitivity_lib.condition.first_order_radius`, one forward pass
   and one backward pass per class among the ``top`` = 10 largest logits;
-* baseline: one DeepFool run (:func:`sensitivity_lib.condition.minimal_perturbation`,
+* baseline: one DeepFool run (:func:`sensitivity_lib.attacks.minimal_perturbation`,
   ``method="deepfool"``: ART's DeepFool, at most 50 iterations, overshoot 0.02, the gradients of the
   10 largest logits at every iteration).
 
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from sensitivity_lib import condition, data, zoo
+from sensitivity_lib import attacks, condition, data, zoo
 
 
 def timed(fn, *args, **kwargs):
@@ -61,13 +61,13 @@ def main() -> None:
         warm = x[-1:]
         condition.certified_radius(model, warm, lipschitz=L)
         condition.first_order_radius(model, warm)
-        condition.minimal_perturbation(model, warm, method="deepfool", progress=False)
+        attacks.minimal_perturbation(model, warm, method="deepfool", progress=False)
         t_c, t_f, t_d = [], [], []
         for i in range(args.n):
             xi = x[i : i + 1]
             t_c.append(timed(condition.certified_radius, model, xi, lipschitz=L)[1])
             t_f.append(timed(condition.first_order_radius, model, xi)[1])
-            t_d.append(timed(condition.minimal_perturbation, model, xi, method="deepfool", progress=False)[1])
+            t_d.append(timed(attacks.minimal_perturbation, model, xi, method="deepfool", progress=False)[1])
         c, f, d = (statistics.median(t) for t in (t_c, t_f, t_d))
         print(f"{label:26s} {t_L:8.2f} {c:10.4f} {f:10.4f} {d:9.3f} {d / c:8.0f}x {d / f:8.1f}x")
     print("medians over the images; DF/cert and DF/first: one DeepFool run over one radius, same image")

@@ -11,6 +11,8 @@ The shared numerical core (one module per job, used by every part)
     opnorm       operator norms of conv and linear layers (exact, certified upper, lower)
     winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
     search       the smallest change that flips a prediction (bisection or scan)
+    attacks      adapters to adversarial-robustness-toolbox and foolbox: FGSM / PGD at a budget,
+                 minimal perturbations (DeepFool, Carlini-Wagner, DDN, FGSM / PGD with a flip search)
     shards       per-sample measurements over several processes (torchrun), gathered on rank 0
 Part I      condition/   a condition number for a whole network (Maheshwari et al.)
 Part II     influence/   influence on a perturbation manifold (Shu & Zhu)

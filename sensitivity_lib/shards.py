@@ -138,7 +138,7 @@ def run(
         On rank 0: ``{name: tensor}`` with the rows of all ``n`` samples in order (on the CPU);
         ``None`` on the other ranks.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     ctx = ctx or Context()
     mine = my_chunks(n, chunk, rank=ctx.rank, world=ctx.world)

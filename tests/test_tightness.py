@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sensitivity_lib import condition, data, shards, zoo
+from sensitivity_lib import attacks, condition, data, shards, zoo
 from sensitivity_lib.condition import tightness
 from sensitivity_lib.graph import build_plan
 
@@ -59,7 +59,7 @@ def _fgsm(model, x, y, eps, norm):
 def test_fgsm_matches_an_independent_fgsm(pair, digits, variant, norm, eps):
     model = pair[variant]
     x, y = digits
-    ours = condition.attack(model, x, y, method="fgsm", eps=eps, norm=norm, progress=False)
+    ours = attacks.attack(model, x, y, method="fgsm", eps=eps, norm=norm, progress=False)
     ref = _fgsm(model, x, y, eps, norm)
     differ = (ours - ref).flatten(1).abs().amax(dim=1) > 1e-4
     assert int(differ.sum()) <= len(x) // 100, f"{int(differ.sum())} of {len(x)} images differ"
@@ -74,8 +74,8 @@ def test_pgd_stays_in_the_ball_and_beats_fgsm(pair, digits):
     model = pair["standard"]
     x, y = digits[0][:40], digits[1][:40]
     for norm, eps in (("inf", 0.15), (2, 1.2)):
-        pgd = condition.attack(model, x, y, method="pgd", eps=eps, norm=norm, steps=10, progress=False)
-        fgsm = condition.attack(model, x, y, method="fgsm", eps=eps, norm=norm, progress=False)
+        pgd = attacks.attack(model, x, y, method="pgd", eps=eps, norm=norm, steps=10, progress=False)
+        fgsm = attacks.attack(model, x, y, method="fgsm", eps=eps, norm=norm, progress=False)
         d = (pgd - x).flatten(1)
         size = d.abs().amax(dim=1) if norm == "inf" else d.norm(dim=1)
         assert float(size.max()) <= eps * (1 + 1e-5)
@@ -88,13 +88,13 @@ def test_pgd_stays_in_the_ball_and_beats_fgsm(pair, digits):
 def test_attack_is_reproducible_and_zero_eps_is_identity(pair, digits):
     model, x = pair["standard"], digits[0][:8]
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = condition.attack(model, x, method="pgd", eps=0.2, steps=3, random_start=True, generator=g1,
+    a = attacks.attack(model, x, method="pgd", eps=0.2, steps=3, random_start=True, generator=g1,
                          progress=False)  # fmt: skip
-    b = condition.attack(model, x, method="pgd", eps=0.2, steps=3, random_start=True, generator=g2,
+    b = attacks.attack(model, x, method="pgd", eps=0.2, steps=3, random_start=True, generator=g2,
                          progress=False)  # fmt: skip
     assert torch.equal(a, b)
     eps = torch.tensor([0.0, 0.2] * 4)
-    c = condition.attack(model, x, method="fgsm", eps=eps, progress=False)
+    c = attacks.attack(model, x, method="fgsm", eps=eps, progress=False)
     assert torch.equal(c[0::2], x[0::2]) and not torch.equal(c[1::2], x[1::2])
 
 
@@ -116,7 +116,7 @@ MINIMAL = [
 def test_minimal_perturbations_flip_and_report_their_size(pair, method, norm, options):
     x = data.mnist_test20().images[:5]
     for variant, model in pair.items():
-        r = condition.minimal_perturbation(model, x, method=method, norm=norm, progress=False, **options)
+        r = attacks.minimal_perturbation(model, x, method=method, norm=norm, progress=False, **options)
         adv = r.extra["adversarial"]
         assert r.kind == "upper" and r.norm == "2"
         assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
@@ -141,7 +141,7 @@ def test_minimal_perturbation_of_a_misclassified_input_is_zero(pair):
     with torch.no_grad():
         pred = model(x).argmax(1)
     wrong = (pred + 1) % 10
-    r = condition.minimal_perturbation(model, x, wrong, method="ddn", steps=5, progress=False)
+    r = attacks.minimal_perturbation(model, x, wrong, method="ddn", steps=5, progress=False)
     assert r.value.tolist() == [0.0, 0.0, 0.0] and bool(r.extra["flipped"].all())
 
 
@@ -152,7 +152,7 @@ def test_minimal_perturbation_of_a_misclassified_input_is_zero(pair):
 def _achieved(model, x, generator):
     """Achieved changes of prediction: DeepFool, and a random search (bisection along 4 random
     directions, clipped to [0, 1]); the 2-norms of the actual changes (inf where none)."""
-    sizes = [condition.minimal_perturbation(model, x, method="deepfool", progress=False).value]
+    sizes = [attacks.minimal_perturbation(model, x, method="deepfool", progress=False).value]
     with torch.no_grad():
         y0 = model(x).argmax(1)
     for _ in range(4):
@@ -189,7 +189,7 @@ def test_certified_radius_is_below_every_achieved_flip_on_the_lenet_pair(pair):
         cert = condition.certified_radius(model, x)
         achieved = torch.cat([
             _achieved(model, x, g),
-            condition.minimal_perturbation(model, x, method="ddn", steps=30, progress=False).value[None],
+            attacks.minimal_perturbation(model, x, method="ddn", steps=30, progress=False).value[None],
         ])  # fmt: skip
         assert bool((cert.value.unsqueeze(0) <= achieved).all())
         assert bool(torch.isfinite(achieved).any(0).all())
@@ -223,35 +223,35 @@ def test_certified_radius_formula_and_first_order_on_a_linear_map():
 def test_bad_input_is_refused(pair):
     m, x = pair["standard"], data.mnist_test20().images[:2]
     with pytest.raises(ValueError, match="eps must be >= 0"):
-        condition.attack(m, x, method="fgsm", eps=-0.1)
+        attacks.attack(m, x, method="fgsm", eps=-0.1)
     with pytest.raises(ValueError, match="method must be one of"):
-        condition.attack(m, x, method="jsma", eps=0.1)
+        attacks.attack(m, x, method="jsma", eps=0.1)
     with pytest.raises(ValueError, match="method must be one of"):
-        condition.minimal_perturbation(m, x, method="boundary")
+        attacks.minimal_perturbation(m, x, method="boundary")
     with pytest.raises(ValueError, match="does not support norm"):
-        condition.minimal_perturbation(m, x, method="deepfool", norm="inf")
+        attacks.minimal_perturbation(m, x, method="deepfool", norm="inf")
     with pytest.raises(ValueError, match="does not support norm"):
-        condition.attack(m, x, method="pgd", eps=0.1, norm=1)
+        attacks.attack(m, x, method="pgd", eps=0.1, norm=1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        condition.attack(m, x * 2, method="fgsm", eps=0.1)
+        attacks.attack(m, x * 2, method="fgsm", eps=0.1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        condition.minimal_perturbation(m, x - 0.5, method="deepfool")
+        attacks.minimal_perturbation(m, x - 0.5, method="deepfool")
     with pytest.raises(ValueError, match="clip_values"):
-        condition.attack(nn.Flatten().eval(), x * 2, method="fgsm", eps=0.1)
+        attacks.attack(nn.Flatten().eval(), x * 2, method="fgsm", eps=0.1)
     with pytest.raises(ValueError, match="unknown option"):
-        condition.minimal_perturbation(m, x, method="ddn", overshoot=0.1)
+        attacks.minimal_perturbation(m, x, method="ddn", overshoot=0.1)
     with pytest.raises(ValueError, match="needs a grid"):
-        condition.minimal_perturbation(m, x, method="fgsm", search="scan")
+        attacks.minimal_perturbation(m, x, method="fgsm", search="scan")
     with pytest.raises(ValueError, match="FGSM takes one step"):
-        condition.attack(m, x, method="fgsm", eps=0.1, steps=5)
+        attacks.attack(m, x, method="fgsm", eps=0.1, steps=5)
     with pytest.raises(ValueError, match="labels must lie"):
-        condition.attack(m, x, torch.tensor([3, 12]), method="fgsm", eps=0.1)
+        attacks.attack(m, x, torch.tensor([3, 12]), method="fgsm", eps=0.1)
     bad = zoo.lenet5()
     bad.net.add_module("drop", nn.Dropout())  # a dropout in training mode
     with pytest.raises(ValueError, match="training mode"):
         condition.certified_radius(bad, x)
     with pytest.raises(ValueError, match="training mode"):
-        condition.minimal_perturbation(bad, x)
+        attacks.minimal_perturbation(bad, x)
     with pytest.raises(ValueError, match="top must be"):
         condition.first_order_radius(m, x, top=1)
 
@@ -261,13 +261,13 @@ def test_generic_inputs_sequences_without_a_box():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
     x = torch.randn(4, 3, 4)  # e.g. 3 time steps of 4 features
-    adv = condition.attack(net, x, method="fgsm", eps=0.5, norm=2, clip_values=None, progress=False)
+    adv = attacks.attack(net, x, method="fgsm", eps=0.5, norm=2, clip_values=None, progress=False)
     assert adv.shape == x.shape
     assert torch.allclose((adv - x).flatten(1).norm(dim=1), torch.full((4,), 0.5), rtol=1e-5)
-    r = condition.minimal_perturbation(net, x, method="deepfool", clip_values=None, progress=False)
+    r = attacks.minimal_perturbation(net, x, method="deepfool", clip_values=None, progress=False)
     assert bool(r.extra["flipped"].all())
     with pytest.raises(ValueError, match="DDN needs a box"):
-        condition.minimal_perturbation(net, x, method="ddn", clip_values=None)
+        attacks.minimal_perturbation(net, x, method="ddn", clip_values=None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ precision     rounding to fewer bits, and the input bit-width a condition number
 peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
 radius        distances to the decision boundary the condition numbers predict: the certified
               radius g / (sqrt(2) L) (a lower bound) and the first-order radius (DeepFool's first step)
-attacks       adapters to adversarial-robustness-toolbox and foolbox: FGSM / PGD at a budget, and
-              minimal perturbations (DeepFool, Carlini-Wagner, DDN, FGSM / PGD with a flip search)
 tightness     every per-image measurement of the chapter on tightness at the decision, shardable over
               processes (``condition.tightness.measure``, ``measure_sharded``)
 
@@ -26,7 +24,6 @@ module's, which are used through it (``condition.tightness.measure``).
 
 from sensitivity_lib.condition import tightness
 from sensitivity_lib.condition.approximate import APPROXIMATIONS, approximate_condition
-from sensitivity_lib.condition.attacks import ATTACKS, MINIMAL_METHODS, NORMS, attack, minimal_perturbation
 from sensitivity_lib.condition.lipschitz import (
     certified_layer_norm,
     global_condition,
@@ -57,13 +54,9 @@ from sensitivity_lib.condition.radius import certified_radius, first_order_radiu
 
 __all__ = [
     "APPROXIMATIONS",
-    "ATTACKS",
-    "MINIMAL_METHODS",
     "NOISE_KINDS",
-    "NORMS",
     "amplification",
     "approximate_condition",
-    "attack",
     "certified_layer_norm",
     "certified_radius",
     "clever_l2",
@@ -82,7 +75,6 @@ __all__ = [
     "masked_product_condition",
     "max_amplification",
     "min_input_bits",
-    "minimal_perturbation",
     "random_directions",
     "round_significand",
     "round_to_levels",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sensitivity_lib.condition._art import art_classifier, draw_seed, import_art, seeded, to_numpy
+from sensitivity_lib.attacks import art_classifier, draw_seed, import_art, seeded, to_numpy
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.validation import check_model_input
 

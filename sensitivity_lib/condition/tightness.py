@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from sensitivity_lib import shards
-from sensitivity_lib.condition.attacks import minimal_perturbation
+from sensitivity_lib.attacks import minimal_perturbation
 from sensitivity_lib.condition.lipschitz import global_condition, lipschitz_bound
 from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.condition.peers import clever_l2
@@ -151,7 +151,7 @@ def measure(
     rounding
         Also round to ``s`` bits, and find the empirical bit-width (24 bits at most).
     attacks
-        ``{name: options}`` for :func:`~sensitivity_lib.condition.attacks.minimal_perturbation`, names
+        ``{name: options}`` for :func:`~sensitivity_lib.attacks.minimal_perturbation`, names
         from ``ATTACK_KEYS`` (default: DeepFool only).
     condition
         Also E0 (Lanczos, relative tolerance ``e0_tol``), E1 and their bit-widths.
@@ -253,7 +253,10 @@ NETWORKS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def book_network(name: str, n: int, *, source: str = "samples", seed: int = 0, progress: bool = True):
+def book_network(
+    name: str, n: int, *, source: str = "samples", seed: int = 0, standin_train: int | None = None,
+    progress: bool = True,
+):
     """A network of the chapter and the first ``n`` of its images: ``(model, ImageSet)``.
 
     ``source="samples"`` (what ships offline): EfficientNet-Lite0 on the ImageNet photos of
@@ -263,7 +266,8 @@ def book_network(name: str, n: int, *, source: str = "samples", seed: int = 0, p
     ``"alexnet_random"`` / ``"vgg19_random"``: the ImageNet-size architectures with random weights on
     the photos. ``source="full"``: ImageNet validation images (``$IMAGENET_VAL``) and MNIST test digits
     (``$MNIST_ROOT``), ``n`` of each drawn with ``seed``, and ``"alexnet"`` / ``"vgg19"`` with their
-    ImageNet weights (a clear error names the missing file).
+    ImageNet weights (a clear error names the missing file). ``standin_train``: the number of digits
+    the stand-ins train on (default: their recipe's 4,000).
     """
     from sensitivity_lib import data, zoo
 
@@ -290,7 +294,7 @@ def book_network(name: str, n: int, *, source: str = "samples", seed: int = 0, p
         return zoo.torchvision_model(name.split("_")[0], weights=None, seed=seed).eval(), photos()
     if source == "full":
         return zoo.torchvision_model(name, weights="imagenet").eval(), photos()
-    return zoo.digits_standin(name, progress=progress)[0].eval(), digits()
+    return zoo.digits_standin(name, n_train=standin_train, progress=progress)[0].eval(), digits()
 
 
 def plan(sizes: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:

@@ -59,28 +59,30 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from sensitivity_lib.condition._art import (
-    art_classifier,
-    draw_seed,
-    float32_model,
-    import_art,
-    import_foolbox,
-    seeded,
-    to_numpy,
-)
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.search import flip_search
 from sensitivity_lib.validation import check_labels, check_model_input
 
-__all__ = ["ATTACKS", "MINIMAL_METHODS", "NORMS", "attack", "minimal_perturbation"]
+__all__ = [
+    "ATTACKS",
+    "MINIMAL_METHODS",
+    "NORMS",
+    "attack",
+    "minimal_perturbation",
+    "art_classifier",
+    "seeded",
+    "draw_seed",
+]
 
 #: Fixed-budget attacks of :func:`attack`.
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
@@ -94,6 +96,103 @@ NORMS: dict[str, tuple[Any, ...]] = {
     "cw": (2,),
     "ddn": (2,),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing shared with condition.peers (CLEVER): ART's classifier wrapper, seeding, quiet imports
+#
+# ART works on float32 NumPy arrays and draws its random numbers (random starts, CLEVER's samples)
+# from NumPy's global generator; foolbox's DDN draws from torch's global generator. seeded() seeds
+# both from a torch.Generator and restores them afterwards, so that a call is reproducible and
+# leaves the caller's random state as it was.
+
+
+def import_art():
+    """``art`` with the one import-time warning it emits on machines without ipywidgets silenced."""
+    with warnings.catch_warnings():  # ART imports tqdm.auto, which warns without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import art
+        import art.attacks.evasion  # noqa: F401
+        import art.estimators.classification  # noqa: F401
+        import art.metrics  # noqa: F401
+    return art
+
+
+def import_foolbox():
+    """``foolbox``, without its import-time deprecation warnings (scipy.ndimage.filters)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import foolbox
+    return foolbox
+
+
+class AsFloat32(nn.Module):
+    """``model`` evaluated in its own dtype on inputs that arrive as float32 (ART's dtype), returning
+    float32 logits; a float32 model is used as it is."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).to(torch.float32)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def float32_model(model: nn.Module) -> nn.Module:
+    dtype = model_dtype(model)
+    return model if dtype == torch.float32 else AsFloat32(model, dtype).eval()
+
+
+def art_classifier(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    nb_classes: int,
+    clip_values: tuple[float, float] | None,
+    device: torch.device,
+):
+    """ART's ``PyTorchClassifier`` for a model that maps the input space (normalisation inside) to
+    logits; cross-entropy loss, no preprocessing, ``clip_values`` as given."""
+    import_art()
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(
+        model=float32_model(model),
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=int(nb_classes),
+        clip_values=None if clip_values is None else (float(clip_values[0]), float(clip_values[1])),
+        device_type="gpu" if device.type == "cuda" else "cpu",
+    )
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed for the libraries' global generators, drawn from ``generator`` (or torch's global one)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed NumPy's and torch's global generators with ``seed`` inside the block; restore both after."""
+    state = np.random.get_state()  # noqa: NPY002 - ART samples from the global NumPy state
+    try:
+        np.random.seed(seed)  # noqa: NPY002
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +265,7 @@ def _check_eps(eps: Any, n: int) -> torch.Tensor:
 
 
 def _chunks(n: int, size: int, progress: bool, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     starts = range(0, n, size)
     kw = {} if progress else {"disable": True}  # TQDM_DISABLE=1 silences the bar unless disable= is given
@@ -263,10 +362,19 @@ def _fixed_budget(model, x, labels, method, p, e, steps, step_size, random_start
     clf = art_classifier(model, tuple(x.shape[1:]), C, clip, x.device)
     view = (-1,) + (1,) * (x.ndim - 1)
     norm = np.inf if p == "inf" else 2
+    if random_start:
+        # ART's random start takes one radius per call (an array of radii breaks its sampler), so the
+        # inputs go in groups of equal eps, in increasing order of eps
+        groups = [active[e[active] == u] for u in torch.unique(e[active])]
+    else:
+        groups = [active]
+    batches = [g[s : s + batch_size] for g in groups for s in range(0, g.numel(), batch_size)]
     with seeded(seed):
-        for start in _chunks(active.numel(), batch_size, progress, f"{method.upper()}"):
-            idx = active[start : start + batch_size]
+        for k in _chunks(len(batches), 1, progress, f"{method.upper()}"):
+            idx = batches[k]
             eps = e[idx].numpy().astype(np.float32).reshape(view)
+            if random_start:  # ART wants python floats for one radius (eps and step alike)
+                eps = float(eps.flat[0])
             xs, ys = to_numpy(x[idx]), labels[idx].cpu().numpy()
             if method == "fgsm":
                 atk = art.attacks.evasion.FastGradientMethod(
@@ -274,7 +382,10 @@ def _fixed_budget(model, x, labels, method, p, e, steps, step_size, random_start
                     batch_size=len(idx),
                 )  # fmt: skip
             else:
-                step = eps * np.float32(2.5 / steps) if step_size is None else np.full_like(eps, step_size)
+                if random_start:
+                    step = eps * 2.5 / steps if step_size is None else float(step_size)
+                else:
+                    step = eps * np.float32(2.5 / steps) if step_size is None else np.full_like(eps, step_size)
                 atk = art.attacks.evasion.ProjectedGradientDescent(
                     clf, norm=norm, eps=eps, eps_step=step, max_iter=steps, num_random_init=int(random_start),
                     batch_size=len(idx), verbose=False,
@@ -483,7 +594,7 @@ def _gradient_search(model, x, y, p, clip, C, batch_size, seed, progress, option
         best_adv[idx[better]] = adv[better]
         return hit
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     kw = {} if progress else {"disable": True}
     with tqdm(total=None, desc=f"{method.upper()} flip search", leave=False, mininterval=1.0, **kw) as bar:
