@@ -385,7 +385,9 @@ def _fixed_budget(model, x, labels, method, p, e, steps, step_size, random_start
                 if random_start:
                     step = eps * 2.5 / steps if step_size is None else float(step_size)
                 else:
-                    step = eps * np.float32(2.5 / steps) if step_size is None else np.full_like(eps, step_size)
+                    step = eps * np.float32(2.5 / steps)
+                    if step_size is not None:
+                        step = np.full_like(eps, step_size)
                 atk = art.attacks.evasion.ProjectedGradientDescent(
                     clf, norm=norm, eps=eps, eps_step=step, max_iter=steps, num_random_init=int(random_start),
                     batch_size=len(idx), verbose=False,

