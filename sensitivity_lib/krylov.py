@@ -12,7 +12,7 @@ The operator
     ``rmatvec: (B, *out_shape) -> (B, *in_shape)`` (the conjugate transpose). An optional
     ``restrict(idx)`` returns the operator of a sub-batch, so that problems that have converged
     leave the batch instead of being carried along (E0 re-linearises the network for the images
-    still running).
+    still running); the problems still running keep their Krylov bases (no restart).
 
 Norm
     The Euclidean norm of one flattened problem: the operator norm is the spectral norm.
@@ -24,8 +24,8 @@ Methods
       of the smaller side (``A^H A`` or ``A A^H``), finished by ``sigma = ||A v|| / ||v||``.
 
     Lanczos keeps the Krylov basis semi-orthogonal by partial re-orthogonalisation: Simon's
-    recurrence estimates the loss of orthogonality at every step, and the new vector is
-    orthogonalised against the whole basis only when the estimate passes ``sqrt(eps)``
+    recurrence estimates the loss of orthogonality at every step, and a problem's new vector is
+    orthogonalised against its whole basis only when its estimate passes ``sqrt(eps)``
     (H. D. Simon, *The Lanczos algorithm with partial reorthogonalization*, Math. Comp. 42, 1984).
     On the convolutions of VGG-19 that was needed at 2 of 734 steps. The basis restarts from the
     Ritz vector when it reaches ``max_basis`` vectors.
@@ -411,9 +411,18 @@ def _start(op: LinearOperator, v0: Tensor | None, generator: torch.Generator | N
     return v0.reshape(op.batch, op.n_in).to(device=op.device, dtype=op.dtype)
 
 
+def _norm(x: Tensor) -> Tensor:
+    """Row norms of (B, n), in the dtype's real type. Complex rows go through their real view: on
+    the CPU, torch's complex ``vector_norm`` was 30x slower (18 ms against 0.6 ms for 2,500 rows of
+    200 complex128 values)."""
+    if x.is_complex():
+        return torch.linalg.vector_norm(torch.view_as_real(x.resolve_conj()), dim=(1, 2))
+    return torch.linalg.vector_norm(x, dim=1)
+
+
 def _normalise(x: Tensor) -> tuple[Tensor, Tensor]:
     """Row-normalise (B, n); zero rows stay zero. Returns (unit rows, float64 norms)."""
-    nrm = torch.linalg.vector_norm(x, dim=1)
+    nrm = _norm(x)
     safe = torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     return x / safe[:, None].to(x.dtype), nrm.double()
 
@@ -424,8 +433,12 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise ``a^H b`` of (B, n) tensors, in float64 (real part for complex)."""
-    return torch.linalg.vecdot(a, b, dim=1).real.double()
+    """Row-wise ``a^H b`` of (B, n) tensors, in float64 (real part for complex, taken as the real dot
+    product of the real views: 6x faster than the complex ``vecdot`` on the CPU)."""
+    if a.is_complex():
+        ar, br = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
+        return (ar * br).sum(dim=(1, 2)).double()
+    return torch.linalg.vecdot(a, b, dim=1).double()
 
 
 def _apply_flat(op: LinearOperator, x: Tensor) -> Tensor:
@@ -555,7 +568,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
         w = _apply_flat(state.op, q)
         steps += 1
         theta = _dot(q, w).cpu()
-        res = torch.linalg.vector_norm(_wide(w - theta[:, None].to(w) * q), dim=1).cpu()
+        res = _norm(_wide(w - theta[:, None].to(w) * q)).cpu()
         hist.append(theta)
         q_new, wn = _normalise(w)
         invariant = (wn <= 0).cpu()  # A v = 0: the top eigenvalue seen from v is 0
@@ -665,47 +678,56 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
         nb = q.shape[0]
         Q = q.new_empty(nb, m, n)  # only the first j + 1 rows are ever read
         Q[:, 0] = q
+        live = None  # the rows of Q still iterating (None: all); converged problems leave without a copy
         alpha = torch.zeros(nb, m, dtype=torch.float64)
         beta = torch.zeros(nb, m, dtype=torch.float64)
         # omega[:, k] estimates q_j . q_k for the current j, omega_prev the same for j - 1
         omega = torch.zeros(nb, m + 1, dtype=torch.float64)
         omega[:, 0] = 1.0
         omega_prev = torch.zeros_like(omega)
-        force = False
+        force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
-            w = _apply_flat(state.op, Q[:, j])
+            lo = max(0, j - 1)
+            near = Q[:, lo : j + 1] if live is None else Q[live, lo : j + 1]  # q_{j-1}, q_j
+            qj = near[:, -1]
+            w = _apply_flat(state.op, qj)
             steps += 1
             # the three-term recurrence (modified Gram-Schmidt form, fused in-place updates), then a
             # second local pass against q_j and q_{j-1} so that q_{j+1} . q_j stays at rounding level
             if j > 0:
-                w.addcmul_(Q[:, j - 1], beta[:, j - 1, None].to(w.dtype), value=-1)
-            alpha[:, j] = _dot(Q[:, j], w)
-            w.addcmul_(Q[:, j], alpha[:, j, None].to(w.dtype), value=-1)
-            lo = max(0, j - 1)
-            local = torch.bmm(Q[:, lo : j + 1].conj(), w[:, :, None])  # (B, 2, 1)
-            w[:, None].baddbmm_(local.transpose(1, 2), Q[:, lo : j + 1], alpha=-1)
+                w.addcmul_(near[:, 0], beta[:, j - 1, None].to(w.dtype), value=-1)
+            alpha[:, j] = _dot(qj, w)
+            w.addcmul_(qj, alpha[:, j, None].to(w.dtype), value=-1)
+            local = torch.bmm(near.conj(), w[:, :, None])  # (B, 2, 1)
+            w[:, None].baddbmm_(local.transpose(1, 2), near, alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
-            wn = torch.linalg.vector_norm(w, dim=1).double()
+            wn = _norm(w).double()
             anorm = max(anorm, float((alpha[:, j].abs() + wn).max()))
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
-            # by Simon's recurrence; orthogonalise against the whole basis only when the estimate
-            # exceeds sqrt(eps) (and at the step after), or when w is so small that its direction is
-            # mostly rounding (breakdown check)
+            # by Simon's recurrence; orthogonalise a problem's vector against its whole basis only
+            # when its estimate exceeds sqrt(eps) (and at the step after), or when w is so small that
+            # its direction is mostly rounding (breakdown check); the other problems of the batch
+            # are left alone
             omega_next = _omega_step(omega, omega_prev, alpha, beta, wn, j, eps * anorm)
-            tiny = bool((wn <= math.sqrt(eps) * anorm).any())
-            trigger = bool((omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)).any())
-            if force or trigger or tiny:
+            tiny = wn <= math.sqrt(eps) * anorm
+            trigger = omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)
+            need = force | trigger | tiny
+            if bool(need.any()):
+                sub = torch.nonzero(need).flatten()
+                Qs = Q[sub if live is None else live[sub], : j + 1]
+                ws = w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
-                    coef = torch.bmm(Q[:, : j + 1].conj(), w[:, :, None])
-                    w[:, None].baddbmm_(coef.transpose(1, 2), Q[:, : j + 1], alpha=-1)
-                    removed = torch.linalg.vector_norm(coef[:, :, 0], dim=1).double()
-                    wn = torch.linalg.vector_norm(w, dim=1).double()
-                    if bool((wn**2 >= 0.49 * (wn**2 + removed**2)).all()):
+                    coef = torch.bmm(Qs.conj(), ws[:, :, None])
+                    ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
+                    removed = _norm(coef[:, :, 0]).double()
+                    wns = _norm(ws).double()
+                    if bool((wns**2 >= 0.49 * (wns**2 + removed**2)).all()):
                         break
-                omega_next[:, : j + 1] = eps
+                w[sub], wn[sub] = ws, wns
+                omega_next[sub, : j + 1] = eps
                 reorths += 1
-                force = trigger and not force  # the step after a triggered one is done too
+            force = trigger & ~force  # the step after a triggered one is done too
             omega_prev, omega = omega, omega_next
             beta[:, j] = wn
             k = j + 1
@@ -718,21 +740,34 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             done = state.decide(*_decide(hist, ritz_res, tol, up, invariant, eps))
             stop = bool(done.all()) or steps >= max_iter
             some = bool(done.any()) and not stop and state.op.restrictable
-            if stop or some or j == m - 1:
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
-                if stop:
-                    state.store(torch.arange(ritz.shape[0]), ritz)
-                    return state, reorths
-                q = ritz  # explicit restart from the Ritz vector
-                if some:  # the problems still running restart without the converged ones
-                    keep = state.retire(done, ritz)
-                    hist = [h[keep] for h in hist]
-                    up = None if up is None else up[keep]
-                    q = ritz[keep]
+            rows_q = torch.arange(Q.shape[0]) if live is None else live  # the problems' rows of Q
+            if stop:
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[rows_q, :k], s.to(Q.dtype)))
+                state.store(torch.arange(ritz.shape[0]), ritz)
+                return state, reorths
+            keep = None
+            if some:  # the converged problems leave; the others keep their Krylov basis (no restart)
+                rows = torch.nonzero(done).flatten()
+                ritz = torch.zeros_like(w)
+                basis = Q[rows_q[rows], :k]
+                ritz[rows] = _normalise(torch.einsum("bkn,bk->bn", basis, s[rows].to(Q.dtype)))[0]
+                keep = state.retire(done, ritz)
+            if keep is not None:
+                hist = [h[keep] for h in hist]
+                up = None if up is None else up[keep]
+                live = rows_q[keep]
+                alpha, beta, omega, omega_prev = alpha[keep], beta[keep], omega[keep], omega_prev[keep]
+                w, wn, invariant, s, force = w[keep], wn[keep], invariant[keep], s[keep], force[keep]
+            if j == m - 1:  # the basis is full: restart from the Ritz vectors
+                rows_q = torch.arange(Q.shape[0]) if live is None else live
+                q, _ = _normalise(torch.einsum("bkn,bk->bn", Q[rows_q, :k], s.to(Q.dtype)))
                 break
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
-            torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
+            if live is None:
+                torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
+            else:
+                Q[live, j + 1] = w * scale_next[:, None].to(w.dtype)
             j += 1
 
 
@@ -751,7 +786,7 @@ def _rayleigh(op: LinearOperator, v: Tensor) -> tuple[Tensor, Tensor]:
     """Rayleigh quotients and relative residuals of unit rows ``v`` (float64)."""
     av = op.apply(v.reshape(op.batch, *op.in_shape)).reshape(op.batch, -1).to(v.dtype)
     lam = _dot(v, av)
-    res = torch.linalg.vector_norm(_wide(av - lam[:, None].to(av.dtype) * v), dim=1)
+    res = _norm(_wide(av - lam[:, None].to(av.dtype) * v))
     return lam, (res / lam.abs().clamp_min(1e-300)).cpu()
 
 
