@@ -628,13 +628,14 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
     With ``omega[:, k] ~ q_j . q_k`` and ``omega_prev[:, k] ~ q_{j-1} . q_k`` (float64, ``(B, m+1)``)
     it returns the estimates of ``q_{j+1} . q_k``: for ``k < j`` from ``A``'s symmetry,
     ``beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k} + beta_{k-1} w_{j,k-1}
-    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``) taken with the
-    sign of the rest, so that it adds to the growth instead of averaging out (as in Larsen's
-    PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
+    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``, a number or one
+    per problem) taken with the sign of the rest, so that it adds to the growth instead of averaging
+    out (as in Larsen's PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
     ``w_{j+1,j+1} = 1``. (H. D. Simon, *The Lanczos algorithm with partial reorthogonalization*,
     Math. Comp. 42, 1984.)
     """
     out = torch.zeros_like(omega)
+    noise = torch.as_tensor(noise, dtype=torch.float64).reshape(-1, 1)  # one, or one per problem
     safe = beta_j.clamp_min(1e-300)[:, None]
     if j > 0:
         t = (
@@ -644,7 +645,7 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
         )
         t[:, 1:] += beta[:, : j - 1] * omega[:, : j - 1]
         out[:, :j] = (t + torch.where(t >= 0, noise, -noise)) / safe
-    out[:, j] = noise / safe[:, 0]
+    out[:, j] = (noise / safe)[:, 0]
     out[:, j + 1] = 1.0
     # a problem that broke down (beta_j = 0) continues with zero vectors: nothing to lose
     return torch.where(beta_j[:, None] > 0, out, torch.zeros_like(out))
@@ -672,7 +673,9 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
     hist: list[Tensor] = []
     up = upper
     steps = 0
-    anorm = 0.0  # running estimate of ||A|| (the largest |alpha_j| + beta_j seen)
+    # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
+    # that a batch mixing scales (1 and 1e10) does not make the small ones look like rounding noise
+    anorm = torch.zeros(q.shape[0], dtype=torch.float64)
     reorths = 0
     while True:
         nb = q.shape[0]
@@ -703,7 +706,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             w[:, None].baddbmm_(local.transpose(1, 2), near, alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
             wn = _norm(w).double()
-            anorm = max(anorm, float((alpha[:, j].abs() + wn).max()))
+            anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
             # by Simon's recurrence; orthogonalise a problem's vector against its whole basis only
             # when its estimate exceeds sqrt(eps) (and at the step after), or when w is so small that
@@ -758,6 +761,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
                 live = rows_q[keep]
                 alpha, beta, omega, omega_prev = alpha[keep], beta[keep], omega[keep], omega_prev[keep]
                 w, wn, invariant, s, force = w[keep], wn[keep], invariant[keep], s[keep], force[keep]
+                anorm = anorm[keep]
             if j == m - 1:  # the basis is full: restart from the Ritz vectors
                 rows_q = torch.arange(Q.shape[0]) if live is None else live
                 q, _ = _normalise(torch.einsum("bkn,bk->bn", Q[rows_q, :k], s.to(Q.dtype)))

@@ -79,6 +79,7 @@ from sensitivity_lib.results import Estimate
 __all__ = [
     "pinned_threads",
     "schur_form",
+    "inverse_gram_operator",
     "sigma_min_grid",
     "sigma_min_at",
     "pseudospectral_radius",
@@ -268,6 +269,29 @@ class _ShiftedTriangular:
         return LinearOperator(
             matvec, None, in_shape=(2 * n,), batch=len(z), dtype=torch.float64, restrict=restrict
         )
+
+
+def inverse_gram_operator(T: torch.Tensor, z) -> LinearOperator:
+    """The batch of Hermitian maps ``v -> (z_b I - T)^-1 (z_b I - T)^-H v``, one per point ``z_b``,
+    for an upper triangular ``T`` (the Schur factor of :func:`schur_form`), as a restrictable
+    :class:`~sensitivity_lib.krylov.LinearOperator` on the real view of ``C^n`` (``R^2n``, real and
+    imaginary parts interleaved). Its largest eigenvalue is ``1 / sigma_min(z_b I - T)^2``; one
+    application costs one pair of triangular solves per point, batched (the module docstring).
+
+    Example
+    -------
+    >>> T = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.complex128)
+    >>> op = inverse_gram_operator(T, [0.0])
+    >>> e = torch.linalg.eigvalsh(torch.stack([op.matvec(c[None])[0] for c in torch.eye(4, dtype=torch.float64)]))
+    >>> round(float(e.max()), 12) == round(float(torch.linalg.svdvals(T)[-1]) ** -2, 12)
+    True
+    """
+    if not isinstance(T, torch.Tensor) or T.dim() != 2 or T.shape[0] != T.shape[1]:
+        raise ValueError("T must be a square (upper triangular) torch tensor, e.g. from schur_form")
+    Tc = T.detach().to(torch.complex128)
+    if not bool((torch.tril(Tc, -1) == 0).all()):
+        raise ValueError("T must be upper triangular (use schur_form(A)[0])")
+    return _ShiftedTriangular(Tc).operator(_points(z))
 
 
 @dataclass
@@ -491,13 +515,14 @@ def sigma_min_grid(
             Zt = torch.from_numpy(Z)
             for cols, from_cols in _waves(len(re_a)):
                 pts = Zt[:, cols].T.reshape(-1)  # column by column
-                v0 = None if from_cols is None else vec[:, from_cols].transpose(0, 1).reshape(len(pts), -1)
-                if v0 is not None:  # a point on the spectrum has no vector: start it at random
-                    bad = v0.abs().amax(1) == 0
-                    if bool(bad.any()):
-                        v0 = v0.clone()
-                        v0[bad] = torch.randn(int(bad.sum()), v0.shape[1], dtype=torch.complex128,
-                                              generator=g)  # fmt: skip
+                v0 = None
+                if from_cols is not None:
+                    # the neighbour's singular vector, plus 1% of a random one: a start with no
+                    # component along the top eigenvector would stay on a lower one (for a normal
+                    # matrix the neighbour's vector is an exact eigenvector of the wrong eigenvalue)
+                    v0 = vec[:, from_cols].transpose(0, 1).reshape(len(pts), -1)
+                    noise = torch.randn(v0.shape, dtype=torch.complex128, generator=g)
+                    v0 = v0 + 0.01 * noise / math.sqrt(v0.shape[1])
                 run = _inverse_lanczos(solver, pts, v0, tol, max_iter, g)
                 shape = (len(cols), Z.shape[0])
                 sig[:, cols] = run.sigma.reshape(shape).T
