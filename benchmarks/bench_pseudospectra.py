@@ -148,7 +148,9 @@ def main() -> None:
 
         # dense per-point SVDs
         flat = Z.reshape(-1)
-        pick = np.arange(N) if args.dense_points <= 0 else np.linspace(0, N - 1, args.dense_points).astype(int)
+        pick = np.arange(N)
+        if args.dense_points > 0:
+            pick = np.linspace(0, N - 1, args.dense_points).astype(int)
         ref = np.empty(len(pick))
         with clock():
             for i, k in enumerate(pick):

@@ -12,7 +12,7 @@ The operator
     ``rmatvec: (B, *out_shape) -> (B, *in_shape)`` (the conjugate transpose). An optional
     ``restrict(idx)`` returns the operator of a sub-batch, so that problems that have converged
     leave the batch instead of being carried along (E0 re-linearises the network for the images
-    still running); the problems still running keep their Krylov bases (no restart).
+    still running).
 
 Norm
     The Euclidean norm of one flattened problem: the operator norm is the spectral norm.
@@ -24,25 +24,30 @@ Methods
       of the smaller side (``A^H A`` or ``A A^H``), finished by ``sigma = ||A v|| / ||v||``.
 
     Lanczos keeps the Krylov basis semi-orthogonal by partial re-orthogonalisation: Simon's
-    recurrence estimates the loss of orthogonality at every step, and a problem's new vector is
-    orthogonalised against its whole basis only when its estimate passes ``sqrt(eps)``
+    recurrence estimates the loss of orthogonality at every step, and the new vector is
+    orthogonalised against the whole basis only when the estimate passes ``sqrt(eps)``
     (H. D. Simon, *The Lanczos algorithm with partial reorthogonalization*, Math. Comp. 42, 1984).
     On the convolutions of VGG-19 that was needed at 2 of 734 steps. The basis restarts from the
     Ritz vector when it reaches ``max_basis`` vectors.
 
 The stopping rule (the same for both methods and every caller)
     With ``theta_k`` the estimate after ``k`` applications of the operator (the top Ritz value, or
-    the Rayleigh quotient of the power iterate) and ``d_k = |theta_k - theta_{k-1}|``, rule 1
-    estimates the relative error of ``theta_k`` from the last six increments as a geometric tail,
+    the Rayleigh quotient of the power iterate), ``d_k = |theta_k - theta_{k-1}|`` and ``r_k`` the
+    residual ``||A v - theta_k v||`` of the Ritz pair (for Lanczos its estimate ``beta_k |s_k|``),
+    rule 1 estimates the relative error of ``theta_k`` as the smaller of the geometric tail of the
+    last six increments and the relative residual,
 
-    ``err_k = 4 max_i d_i * q / (1 - q) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
+    ``err_k = min(4 max_i d_i q / (1 - q), r_k) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
 
-    (``inf`` when the increments do not shrink; increments at the rounding level of the working
-    dtype count as no progress). A problem has converged when, after at least seven steps,
+    (the tail is ``inf`` when the increments do not shrink; increments at the rounding level of the
+    working dtype count as no progress; ``r_k`` bounds the distance to *some* eigenvalue). A problem
+    has converged when
 
-    1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j``, and the residual of the
-       Ritz pair is at most ``sqrt(tol) theta_k``; for the power iteration, also a short Lanczos
-       run (10 products) from its vector finds no Ritz value above ``theta_k (1 + tol / 2)``; or
+    1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j`` (for Lanczos at most
+       ``max_basis / 8``: a restart from one Ritz vector starts a new convergence, whose first
+       increments are large again), and the residual of the Ritz pair is at most
+       ``sqrt(tol) theta_k``; for the power iteration, also a short Lanczos run (10 products)
+       from its vector finds no Ritz value above ``theta_k (1 + tol / 2)``; or
     2. a certified ``upper`` bound is given and ``(upper - theta_k) / theta_k <= tol`` (a proof); or
     3. the Krylov space is invariant (the Lanczos ``beta_k`` at rounding level: the value is exact).
 
@@ -359,7 +364,8 @@ class SingularResult:
         As in :class:`EigResult` (the iteration runs on a Gram operator, so one iteration is one
         product with ``A`` and one with ``A^H``).
     residual
-        float64 ``(B,)``: ``||A^H A v - sigma^2 v|| / sigma^2``.
+        float64 ``(B,)``: the iteration's relative residual of its Gram eigenpair at the stop
+        (``||G u - theta u|| / theta``; for Lanczos its estimate ``beta_k |s_k| / theta``).
     error
         float64 ``(B,)``: the estimated relative error of ``sigma`` (half that of ``sigma^2``).
     history
@@ -411,18 +417,9 @@ def _start(op: LinearOperator, v0: Tensor | None, generator: torch.Generator | N
     return v0.reshape(op.batch, op.n_in).to(device=op.device, dtype=op.dtype)
 
 
-def _norm(x: Tensor) -> Tensor:
-    """Row norms of (B, n), in the dtype's real type. Complex rows go through their real view: on
-    the CPU, torch's complex ``vector_norm`` was 30x slower (18 ms against 0.6 ms for 2,500 rows of
-    200 complex128 values)."""
-    if x.is_complex():
-        return torch.linalg.vector_norm(torch.view_as_real(x.resolve_conj()), dim=(1, 2))
-    return torch.linalg.vector_norm(x, dim=1)
-
-
 def _normalise(x: Tensor) -> tuple[Tensor, Tensor]:
     """Row-normalise (B, n); zero rows stay zero. Returns (unit rows, float64 norms)."""
-    nrm = _norm(x)
+    nrm = torch.linalg.vector_norm(x, dim=1)
     safe = torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     return x / safe[:, None].to(x.dtype), nrm.double()
 
@@ -433,12 +430,8 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise ``a^H b`` of (B, n) tensors, in float64 (real part for complex, taken as the real dot
-    product of the real views: 6x faster than the complex ``vecdot`` on the CPU)."""
-    if a.is_complex():
-        ar, br = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
-        return (ar * br).sum(dim=(1, 2)).double()
-    return torch.linalg.vecdot(a, b, dim=1).double()
+    """Row-wise ``a^H b`` of (B, n) tensors, in float64 (real part for complex)."""
+    return torch.linalg.vecdot(a, b, dim=1).real.double()
 
 
 def _apply_flat(op: LinearOperator, x: Tensor) -> Tensor:
@@ -466,18 +459,27 @@ def _tail_error(hist: list[Tensor], eps: float) -> Tensor:
     return torch.where(dmax > 0, err, torch.zeros_like(err)) / scale
 
 
-def _decide(hist, residual, tol, upper, invariant, eps, check=None) -> tuple[Tensor, Tensor]:
-    """(done, error) for every problem from the three rules of the module docstring; ``check`` is
-    the power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of
-    it)."""
-    theta = hist[-1]
+def _step_error(hist: list[Tensor], rhist: list[Tensor], eps: float) -> Tensor:
+    """Rule 1's estimate at the latest step: the geometric tail of the increments, or the relative
+    residual of the Ritz pair when that is smaller (``|theta - lambda| <= r`` for some eigenvalue)."""
+    return torch.minimum(_tail_error(hist, eps), rhist[-1])
+
+
+def _decide(hist, rhist, tol, upper, invariant, eps, check=None, basis=None) -> tuple[Tensor, Tensor]:
+    """(done, error) for every problem from the three rules of the module docstring. ``hist`` and
+    ``rhist`` hold the values and the relative residuals of the Ritz pairs so far; ``check`` is the
+    power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of it)."""
+    theta, rel = hist[-1], rhist[-1]
     scale = theta.abs().clamp_min(1e-300)
-    error = _tail_error(hist, eps)
-    for back in range(1, math.ceil(_PERSIST * len(hist))):  # it must have held for a while too
-        error = torch.maximum(error, _tail_error(hist[:-back], eps) if len(hist) > back else error)
+    error = _step_error(hist, rhist, eps)
+    # it must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
+    # from a single Ritz vector starts a new convergence, whose first increments are large again)
+    span = math.ceil(_PERSIST * (len(hist) if basis is None else min(len(hist), basis)))
+    for back in range(1, min(span, len(hist))):
+        error = torch.maximum(error, _step_error(hist[:-back], rhist[:-back], eps))
     if check is not None:
         error = torch.maximum(error, 2 * (check - theta).clamp_min(0) / scale)
-    done = (error <= tol) & (residual <= math.sqrt(tol) * scale)
+    done = (error <= tol) & (rel <= math.sqrt(tol))
     if upper is not None:
         gap = (upper - theta) / scale
         certified = gap <= tol
@@ -515,15 +517,17 @@ class _Batch:
         self.active = torch.arange(B)
         self.error = torch.full((B,), math.inf, dtype=torch.float64)
         self.iterations = torch.zeros(B, dtype=torch.int64)
+        self.residual = torch.full((B,), math.inf, dtype=torch.float64)
         self.converged = torch.zeros(B, dtype=torch.bool)
         self.vector = torch.zeros(B, op.n_in, dtype=op.dtype, device=op.device)
         self.history: list[Tensor] = []
 
-    def record(self, theta: Tensor, steps: int) -> None:
+    def record(self, theta: Tensor, rel_residual: Tensor, steps: int) -> None:
         row = torch.full((self.error.numel(),), math.nan, dtype=torch.float64)
         row[self.active] = theta.cpu()
         self.history.append(row)
         self.iterations[self.active] = steps
+        self.residual[self.active] = rel_residual.cpu()
 
     def decide(self, done: Tensor, error: Tensor) -> Tensor:
         """Merge this step's decisions with earlier ones; returns the active problems' flags."""
@@ -560,6 +564,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
     hist: list[Tensor] = []  # per active problem, re-indexed when the batch shrinks
+    rhist: list[Tensor] = []  # relative residuals, likewise
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
     eps = torch.finfo(q.dtype).eps
@@ -568,23 +573,24 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
         w = _apply_flat(state.op, q)
         steps += 1
         theta = _dot(q, w).cpu()
-        res = _norm(_wide(w - theta[:, None].to(w) * q)).cpu()
+        res = torch.linalg.vector_norm(_wide(w - theta[:, None].to(w) * q), dim=1).cpu()
         hist.append(theta)
+        rhist.append(res / theta.abs().clamp_min(1e-300))
         q_new, wn = _normalise(w)
         invariant = (wn <= 0).cpu()  # A v = 0: the top eigenvalue seen from v is 0
         # where the rules would stop with the best Ritz value known so far, verify first (once per
         # level of theta): a short Lanczos run from the power vector; a Ritz value well above theta
         # means the iteration sits inside a cluster of near-equal top eigenvalues it has not resolved
         optimistic = torch.where(known > 0, known, theta)
-        would, _ = _decide(hist, res, tol, upper, invariant, eps, optimistic)
+        would, _ = _decide(hist, rhist, tol, upper, invariant, eps, optimistic)
         need = would & ~invariant & (theta > verified_at)
         if bool(need.any()) and steps + _VERIFY_STEPS <= max_iter:
             known = torch.maximum(known, _verify(state.op, q, need))
             verified_at = torch.where(need, theta, verified_at)
             steps += _VERIFY_STEPS
-        state.record(theta, steps)
+        state.record(theta, rhist[-1], steps)
         check = torch.where(verified_at > 0, known, torch.full_like(theta, math.inf))
-        done = state.decide(*_decide(hist, res, tol, upper, invariant, eps, check))
+        done = state.decide(*_decide(hist, rhist, tol, upper, invariant, eps, check))
         if bool(done.all()) or steps >= max_iter:
             state.store(torch.arange(len(q)), q)
             return state, 0
@@ -593,6 +599,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
             if keep is not None:
                 q_new, invariant, q = q_new[keep], invariant[keep], q[keep]
                 hist, known, verified_at = [h[keep] for h in hist], known[keep], verified_at[keep]
+                rhist = [r[keep] for r in rhist]
                 upper = None if upper is None else upper[keep]
         q = torch.where(invariant[:, None].to(q.device), q, q_new)
 
@@ -671,17 +678,18 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
     hist: list[Tensor] = []
+    rhist: list[Tensor] = []
     up = upper
     steps = 0
     # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
-    # that a batch mixing scales (1 and 1e10) does not make the small ones look like rounding noise
-    anorm = torch.zeros(q.shape[0], dtype=torch.float64)
+    # that a batch mixing scales (1 and 1e10, as the resolvent norms of a pseudospectrum's grid)
+    # does not make the small ones look like rounding noise
+    anorm = torch.zeros(nb, dtype=torch.float64)
     reorths = 0
     while True:
         nb = q.shape[0]
         Q = q.new_empty(nb, m, n)  # only the first j + 1 rows are ever read
         Q[:, 0] = q
-        live = None  # the rows of Q still iterating (None: all); converged problems leave without a copy
         alpha = torch.zeros(nb, m, dtype=torch.float64)
         beta = torch.zeros(nb, m, dtype=torch.float64)
         # omega[:, k] estimates q_j . q_k for the current j, omega_prev the same for j - 1
@@ -691,40 +699,36 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
         force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
-            lo = max(0, j - 1)
-            near = Q[:, lo : j + 1] if live is None else Q[live, lo : j + 1]  # q_{j-1}, q_j
-            qj = near[:, -1]
-            w = _apply_flat(state.op, qj)
+            w = _apply_flat(state.op, Q[:, j])
             steps += 1
             # the three-term recurrence (modified Gram-Schmidt form, fused in-place updates), then a
             # second local pass against q_j and q_{j-1} so that q_{j+1} . q_j stays at rounding level
             if j > 0:
-                w.addcmul_(near[:, 0], beta[:, j - 1, None].to(w.dtype), value=-1)
-            alpha[:, j] = _dot(qj, w)
-            w.addcmul_(qj, alpha[:, j, None].to(w.dtype), value=-1)
-            local = torch.bmm(near.conj(), w[:, :, None])  # (B, 2, 1)
-            w[:, None].baddbmm_(local.transpose(1, 2), near, alpha=-1)
+                w.addcmul_(Q[:, j - 1], beta[:, j - 1, None].to(w.dtype), value=-1)
+            alpha[:, j] = _dot(Q[:, j], w)
+            w.addcmul_(Q[:, j], alpha[:, j, None].to(w.dtype), value=-1)
+            lo = max(0, j - 1)
+            local = torch.bmm(Q[:, lo : j + 1].conj(), w[:, :, None])  # (B, 2, 1)
+            w[:, None].baddbmm_(local.transpose(1, 2), Q[:, lo : j + 1], alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
-            wn = _norm(w).double()
+            wn = torch.linalg.vector_norm(w, dim=1).double()
             anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
             # by Simon's recurrence; orthogonalise a problem's vector against its whole basis only
             # when its estimate exceeds sqrt(eps) (and at the step after), or when w is so small that
-            # its direction is mostly rounding (breakdown check); the other problems of the batch
-            # are left alone
+            # its direction is mostly rounding (breakdown check); the other problems are left alone
             omega_next = _omega_step(omega, omega_prev, alpha, beta, wn, j, eps * anorm)
             tiny = wn <= math.sqrt(eps) * anorm
             trigger = omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)
             need = force | trigger | tiny
             if bool(need.any()):
                 sub = torch.nonzero(need).flatten()
-                Qs = Q[sub if live is None else live[sub], : j + 1]
-                ws = w[sub]
+                Qs, ws = Q[sub, : j + 1], w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
                     coef = torch.bmm(Qs.conj(), ws[:, :, None])
                     ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
-                    removed = _norm(coef[:, :, 0]).double()
-                    wns = _norm(ws).double()
+                    removed = torch.linalg.vector_norm(coef[:, :, 0], dim=1).double()
+                    wns = torch.linalg.vector_norm(ws, dim=1).double()
                     if bool((wns**2 >= 0.49 * (wns**2 + removed**2)).all()):
                         break
                 w[sub], wn[sub] = ws, wns
@@ -738,40 +742,33 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             ritz_res = wn * s[:, -1].abs()
             if j > 0 or not hist:  # a restart's first value repeats the last one: not a new step
                 hist.append(theta)
-            state.record(theta, steps)
+                rhist.append(ritz_res / theta.abs().clamp_min(1e-300))
+            state.record(theta, ritz_res / theta.abs().clamp_min(1e-300), steps)
             invariant = wn <= 10 * eps * alpha[:, :k].abs().amax(1).clamp_min(1e-300)
-            done = state.decide(*_decide(hist, ritz_res, tol, up, invariant, eps))
+            if k >= n:  # the basis spans the whole space (without restarts): T holds the spectrum
+                invariant = invariant | (steps == k)
+            done = state.decide(*_decide(hist, rhist, tol, up, invariant, eps, basis=m))
             stop = bool(done.all()) or steps >= max_iter
-            some = bool(done.any()) and not stop and state.op.restrictable
-            rows_q = torch.arange(Q.shape[0]) if live is None else live  # the problems' rows of Q
-            if stop:
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[rows_q, :k], s.to(Q.dtype)))
-                state.store(torch.arange(ritz.shape[0]), ritz)
-                return state, reorths
-            keep = None
-            if some:  # the converged problems leave; the others keep their Krylov basis (no restart)
-                rows = torch.nonzero(done).flatten()
-                ritz = torch.zeros_like(w)
-                basis = Q[rows_q[rows], :k]
-                ritz[rows] = _normalise(torch.einsum("bkn,bk->bn", basis, s[rows].to(Q.dtype)))[0]
-                keep = state.retire(done, ritz)
-            if keep is not None:
-                hist = [h[keep] for h in hist]
-                up = None if up is None else up[keep]
-                live = rows_q[keep]
-                alpha, beta, omega, omega_prev = alpha[keep], beta[keep], omega[keep], omega_prev[keep]
-                w, wn, invariant, s, force = w[keep], wn[keep], invariant[keep], s[keep], force[keep]
-                anorm = anorm[keep]
-            if j == m - 1:  # the basis is full: restart from the Ritz vectors
-                rows_q = torch.arange(Q.shape[0]) if live is None else live
-                q, _ = _normalise(torch.einsum("bkn,bk->bn", Q[rows_q, :k], s.to(Q.dtype)))
+            if stop or j == m - 1:
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                if stop:
+                    state.store(torch.arange(ritz.shape[0]), ritz)
+                    return state, reorths
+                q = ritz  # explicit restart from the Ritz vector
                 break
+            if bool(done.any()) and state.op.restrictable:
+                # converged problems leave the batch; the others go on with their Krylov bases
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                keep = state.retire(done, ritz)
+                Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
+                omega, omega_prev = omega[keep], omega_prev[keep]
+                w, wn, invariant = w[keep], wn[keep], invariant[keep]
+                anorm, force = anorm[keep], force[keep]
+                hist, rhist = [h[keep] for h in hist], [r[keep] for r in rhist]
+                up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
-            if live is None:
-                torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
-            else:
-                Q[live, j + 1] = w * scale_next[:, None].to(w.dtype)
+            torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
             j += 1
 
 
@@ -790,7 +787,7 @@ def _rayleigh(op: LinearOperator, v: Tensor) -> tuple[Tensor, Tensor]:
     """Rayleigh quotients and relative residuals of unit rows ``v`` (float64)."""
     av = op.apply(v.reshape(op.batch, *op.in_shape)).reshape(op.batch, -1).to(v.dtype)
     lam = _dot(v, av)
-    res = _norm(_wide(av - lam[:, None].to(av.dtype) * v))
+    res = torch.linalg.vector_norm(_wide(av - lam[:, None].to(av.dtype) * v), dim=1)
     return lam, (res / lam.abs().clamp_min(1e-300)).cpu()
 
 
@@ -871,8 +868,10 @@ def top_singular(
     """Largest singular value of each of a batch of linear maps (matrix-free).
 
     Runs :func:`top_eig` on the Gram operator of the smaller side and evaluates
-    ``sigma = ||A v|| / ||v||`` for the final right vector ``v``: the norm of ``A`` on one unit
-    vector, hence never above ``sigma_max`` (up to the rounding of that evaluation).
+    ``sigma = ||A v||`` for the final unit right vector ``v`` (``sigma = ||A^H u||`` for the unit left
+    vector ``u`` when iterating on ``A A^H``): the norm of ``A`` on one unit vector, hence never
+    above ``sigma_max`` (up to the rounding of that evaluation). One product with ``A`` (or ``A^H``)
+    beyond the iteration.
 
     Parameters
     ----------
@@ -890,8 +889,8 @@ def top_singular(
         ``"input"`` (``A^H A``), ``"output"`` (``A A^H``) or ``"auto"``: the smaller space (the
         output space on a tie).
     check
-        Optional operator for the final evaluation of ``sigma``, the vectors and the residual
-        (e.g. the same map in float64 while the iterations run in float32).
+        Optional operator for the final evaluation of ``sigma`` and the vectors (e.g. the same map
+        in float64 while the iterations run in float32).
 
     Returns
     -------
@@ -906,29 +905,26 @@ def top_singular(
     x = _start(gram, v0, generator)
     up2 = None if upper is None else torch.as_tensor(upper, dtype=torch.float64) ** 2
     state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2)
-    final = check if check is not None else op
     vec = state.vector.reshape(op.batch, -1)
-    if side == "output":  # v = A^H u / ||A^H u||
-        vec = op.apply_adjoint(vec.reshape(op.batch, *op.out_shape).to(op.dtype)).reshape(op.batch, -1)
-    v = vec.to(final.dtype)
-    v, vn = _normalise(v)
-    av = final.apply(v.reshape(op.batch, *op.in_shape))
-    avf = av.reshape(op.batch, -1)
-    sigma = torch.linalg.vector_norm(avf, dim=1).double()
-    s2 = sigma**2
-    if final.rmatvec is not None:
-        ahav = _wide(final.apply_adjoint(av).reshape(op.batch, -1))
-    else:  # only sigma is evaluated accurately: the residual uses the iteration's adjoint
-        ahav = _wide(op.apply_adjoint(av.to(op.dtype)).reshape(op.batch, -1))
-    diff = ahav - s2[:, None].to(ahav.dtype) * _wide(v)
-    res = torch.linalg.vector_norm(diff, dim=1) / s2.clamp_min(1e-300)
-    left = avf / sigma.clamp_min(1e-300)[:, None].to(avf.dtype)
+    if side == "input":  # sigma = ||A v||, with the more accurate operator when one is given
+        final = check if check is not None else op
+        v, _ = _normalise(vec.to(final.dtype))
+        av = final.apply(v.reshape(op.batch, *op.in_shape)).reshape(op.batch, -1)
+        sigma = torch.linalg.vector_norm(av, dim=1).double()
+        left = av / sigma.clamp_min(1e-300)[:, None].to(av.dtype)
+    else:  # sigma = ||A^H u||, and v = A^H u / sigma
+        final = check if check is not None and check.rmatvec is not None else op
+        u, _ = _normalise(vec.to(final.dtype))
+        ahu = final.apply_adjoint(u.reshape(op.batch, *op.out_shape)).reshape(op.batch, -1)
+        sigma = torch.linalg.vector_norm(ahu, dim=1).double()
+        v, left = ahu / sigma.clamp_min(1e-300)[:, None].to(ahu.dtype), u
+    res = state.residual
     hist = torch.stack(state.history).clamp_min(0).sqrt()
     if warn:
         _warn(method, state.converged, state.error / 2, tol, max_iter, "singular values")
     return SingularResult(
         value=sigma.cpu(), right=v.reshape(op.batch, *op.in_shape),
-        left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res.cpu(),
+        left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res,
         error=state.error / 2, converged=state.converged, history=hist, method=method, tol=tol,
         side=side, reorthogonalised=reorths,
     )  # fmt: skip

@@ -282,7 +282,8 @@ def inverse_gram_operator(T: torch.Tensor, z) -> LinearOperator:
     -------
     >>> T = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.complex128)
     >>> op = inverse_gram_operator(T, [0.0])
-    >>> e = torch.linalg.eigvalsh(torch.stack([op.matvec(c[None])[0] for c in torch.eye(4, dtype=torch.float64)]))
+    >>> cols = torch.eye(4, dtype=torch.float64)
+    >>> e = torch.linalg.eigvalsh(torch.stack([op.matvec(c[None])[0] for c in cols]))
     >>> round(float(e.max()), 12) == round(float(torch.linalg.svdvals(T)[-1]) ** -2, 12)
     True
     """
