@@ -34,14 +34,14 @@ The stopping rule (the same for both methods and every caller)
     With ``theta_k`` the estimate after ``k`` applications of the operator (the top Ritz value, or
     the Rayleigh quotient of the power iterate), ``d_k = |theta_k - theta_{k-1}|`` and ``r_k`` the
     residual ``||A v - theta_k v||`` of the Ritz pair (for Lanczos its estimate ``beta_k |s_k|``),
-    rule 1 estimates the relative error of ``theta_k`` as the smaller of the geometric tail of the
-    last six increments and the relative residual,
+    rule 1 estimates the relative error of ``theta_k`` from the last six increments as a geometric
+    tail,
 
-    ``err_k = min(4 max_i d_i q / (1 - q), r_k) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
+    ``err_k = 4 max_i d_i q / (1 - q) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
 
-    (the tail is ``inf`` when the increments do not shrink; increments at the rounding level of the
-    working dtype count as no progress; ``r_k`` bounds the distance to *some* eigenvalue). A problem
-    has converged when
+    (``inf`` when the increments do not shrink; increments at the rounding level of the working
+    dtype count as no progress). The residual ``r_k`` bounds the distance to *some* eigenvalue, not
+    to the largest, so it serves only as a guard. A problem has converged when
 
     1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j`` (for Lanczos at most
        ``max_basis / 8``: a restart from one Ritz vector starts a new convergence, whose first
@@ -442,7 +442,9 @@ def _apply_flat(op: LinearOperator, x: Tensor) -> Tensor:
 def _tail_error(hist: list[Tensor], eps: float) -> Tensor:
     """Rule 1's relative error estimate of the latest value (float64 (B,); ``inf`` before
     ``_WINDOW + 2`` values). Increments at the rounding level of the working precision (``eps``)
-    carry no rate: there the estimate is the largest increment itself."""
+    carry no rate: there the estimate is the largest increment itself. The residual is no
+    substitute: it bounds the distance to *some* eigenvalue, and the smaller of the two stopped on
+    lower eigenvalues of random convolutions (1.7e-3 off for ``tol=1e-3``)."""
     if len(hist) < _WINDOW + 2:
         return torch.full_like(hist[-1], math.inf)
     t = torch.stack(hist[-_WINDOW - 2 :])  # (w + 2, B), oldest first
@@ -459,24 +461,42 @@ def _tail_error(hist: list[Tensor], eps: float) -> Tensor:
     return torch.where(dmax > 0, err, torch.zeros_like(err)) / scale
 
 
-def _step_error(hist: list[Tensor], rhist: list[Tensor], eps: float) -> Tensor:
-    """Rule 1's estimate at the latest step: the geometric tail of the increments, or the relative
-    residual of the Ritz pair when that is smaller (``|theta - lambda| <= r`` for some eigenvalue)."""
-    return torch.minimum(_tail_error(hist, eps), rhist[-1])
+class _History:
+    """The values, relative residuals and rule 1's per-step error estimates of the active problems
+    (lists of float64 ``(B,)`` tensors, oldest first). Each step's estimate is computed once, when
+    its value arrives, so that rule 1's persistence test costs one reduction per step."""
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+        self.values: list[Tensor] = []
+        self.rel: list[Tensor] = []
+        self.tails: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, theta: Tensor, rel: Tensor) -> None:
+        self.values.append(theta)
+        self.rel.append(rel)
+        self.tails.append(_tail_error(self.values, self.eps))
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep the problems ``idx`` (the batch shrank)."""
+        self.values = [h[idx] for h in self.values]
+        self.rel = [h[idx] for h in self.rel]
+        self.tails = [h[idx] for h in self.tails]
 
 
-def _decide(hist, rhist, tol, upper, invariant, eps, check=None, basis=None) -> tuple[Tensor, Tensor]:
-    """(done, error) for every problem from the three rules of the module docstring. ``hist`` and
-    ``rhist`` hold the values and the relative residuals of the Ritz pairs so far; ``check`` is the
-    power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of it)."""
-    theta, rel = hist[-1], rhist[-1]
+def _decide(hist: _History, tol, upper, invariant, check=None, basis=None) -> tuple[Tensor, Tensor]:
+    """(done, error) for every problem from the three rules of the module docstring; ``check`` is
+    the power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of
+    it)."""
+    theta, rel = hist.values[-1], hist.rel[-1]
     scale = theta.abs().clamp_min(1e-300)
-    error = _step_error(hist, rhist, eps)
-    # it must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
+    # rule 1 must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
     # from a single Ritz vector starts a new convergence, whose first increments are large again)
     span = math.ceil(_PERSIST * (len(hist) if basis is None else min(len(hist), basis)))
-    for back in range(1, min(span, len(hist))):
-        error = torch.maximum(error, _step_error(hist[:-back], rhist[:-back], eps))
+    error = torch.stack(hist.tails[-max(1, min(span, len(hist))) :]).amax(0)
     if check is not None:
         error = torch.maximum(error, 2 * (check - theta).clamp_min(0) / scale)
     done = (error <= tol) & (rel <= math.sqrt(tol))
@@ -563,34 +583,32 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    hist: list[Tensor] = []  # per active problem, re-indexed when the batch shrinks
-    rhist: list[Tensor] = []  # relative residuals, likewise
+    eps = torch.finfo(q.dtype).eps
+    hist = _History(eps)  # per active problem, re-indexed when the batch shrinks
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
-    eps = torch.finfo(q.dtype).eps
     steps = 0
     while True:
         w = _apply_flat(state.op, q)
         steps += 1
         theta = _dot(q, w).cpu()
         res = torch.linalg.vector_norm(_wide(w - theta[:, None].to(w) * q), dim=1).cpu()
-        hist.append(theta)
-        rhist.append(res / theta.abs().clamp_min(1e-300))
+        hist.push(theta, res / theta.abs().clamp_min(1e-300))
         q_new, wn = _normalise(w)
         invariant = (wn <= 0).cpu()  # A v = 0: the top eigenvalue seen from v is 0
         # where the rules would stop with the best Ritz value known so far, verify first (once per
         # level of theta): a short Lanczos run from the power vector; a Ritz value well above theta
         # means the iteration sits inside a cluster of near-equal top eigenvalues it has not resolved
         optimistic = torch.where(known > 0, known, theta)
-        would, _ = _decide(hist, rhist, tol, upper, invariant, eps, optimistic)
+        would, _ = _decide(hist, tol, upper, invariant, optimistic)
         need = would & ~invariant & (theta > verified_at)
         if bool(need.any()) and steps + _VERIFY_STEPS <= max_iter:
             known = torch.maximum(known, _verify(state.op, q, need))
             verified_at = torch.where(need, theta, verified_at)
             steps += _VERIFY_STEPS
-        state.record(theta, rhist[-1], steps)
+        state.record(theta, hist.rel[-1], steps)
         check = torch.where(verified_at > 0, known, torch.full_like(theta, math.inf))
-        done = state.decide(*_decide(hist, rhist, tol, upper, invariant, eps, check))
+        done = state.decide(*_decide(hist, tol, upper, invariant, check))
         if bool(done.all()) or steps >= max_iter:
             state.store(torch.arange(len(q)), q)
             return state, 0
@@ -598,8 +616,8 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
             keep = state.retire(done, q)
             if keep is not None:
                 q_new, invariant, q = q_new[keep], invariant[keep], q[keep]
-                hist, known, verified_at = [h[keep] for h in hist], known[keep], verified_at[keep]
-                rhist = [r[keep] for r in rhist]
+                known, verified_at = known[keep], verified_at[keep]
+                hist.keep(keep)
                 upper = None if upper is None else upper[keep]
         q = torch.where(invariant[:, None].to(q.device), q, q_new)
 
@@ -677,8 +695,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    hist: list[Tensor] = []
-    rhist: list[Tensor] = []
+    hist = _History(eps)
     up = upper
     steps = 0
     # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
@@ -740,14 +757,14 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             k = j + 1
             theta, s = _tridiagonal_top(alpha, beta, k)
             ritz_res = wn * s[:, -1].abs()
-            if j > 0 or not hist:  # a restart's first value repeats the last one: not a new step
-                hist.append(theta)
-                rhist.append(ritz_res / theta.abs().clamp_min(1e-300))
-            state.record(theta, ritz_res / theta.abs().clamp_min(1e-300), steps)
+            rel = ritz_res / theta.abs().clamp_min(1e-300)
+            if j > 0 or not len(hist):  # a restart's first value repeats the last one: not a new step
+                hist.push(theta, rel)
+            state.record(theta, rel, steps)
             invariant = wn <= 10 * eps * alpha[:, :k].abs().amax(1).clamp_min(1e-300)
             if k >= n:  # the basis spans the whole space (without restarts): T holds the spectrum
                 invariant = invariant | (steps == k)
-            done = state.decide(*_decide(hist, rhist, tol, up, invariant, eps, basis=m))
+            done = state.decide(*_decide(hist, tol, up, invariant, basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
                 ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
@@ -764,7 +781,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
                 anorm, force = anorm[keep], force[keep]
-                hist, rhist = [h[keep] for h in hist], [r[keep] for r in rhist]
+                hist.keep(keep)
                 up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
