@@ -11,8 +11,11 @@ The shared numerical core (one module per job, used by every part)
     opnorm       operator norms of conv and linear layers (exact, certified upper, lower)
     winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
     search       the smallest change that flips a prediction (bisection or scan)
+    pseudospectra  sigma_min(zI - A) on a grid (Schur + batched inverse Lanczos), pseudospectral
+                 radius and abscissa, Kreiss constant, departures from normality, transient growth
 Part I      condition/   a condition number for a whole network (Maheshwari et al.)
 Part II     influence/   influence on a perturbation manifold (Shu & Zhu)
+Part III    recurrent/   recurrent networks: normalised spectra, robustness (Sengupta & Friston)
 Book support
     data         datasets in [0, 1] pixel space: what ships offline, loaders for what you supply
     zoo          the model wrapper (normalisation inside), pretrained loaders, deterministic training

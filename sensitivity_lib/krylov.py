@@ -653,13 +653,14 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
     With ``omega[:, k] ~ q_j . q_k`` and ``omega_prev[:, k] ~ q_{j-1} . q_k`` (float64, ``(B, m+1)``)
     it returns the estimates of ``q_{j+1} . q_k``: for ``k < j`` from ``A``'s symmetry,
     ``beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k} + beta_{k-1} w_{j,k-1}
-    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``) taken with the
-    sign of the rest, so that it adds to the growth instead of averaging out (as in Larsen's
-    PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
+    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``, a number or one
+    per problem) taken with the sign of the rest, so that it adds to the growth instead of averaging
+    out (as in Larsen's PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
     ``w_{j+1,j+1} = 1``. (H. D. Simon, *The Lanczos algorithm with partial reorthogonalization*,
     Math. Comp. 42, 1984.)
     """
     out = torch.zeros_like(omega)
+    noise = torch.as_tensor(noise, dtype=torch.float64).reshape(-1, 1)  # one, or one per problem
     safe = beta_j.clamp_min(1e-300)[:, None]
     if j > 0:
         t = (
@@ -669,7 +670,7 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
         )
         t[:, 1:] += beta[:, : j - 1] * omega[:, : j - 1]
         out[:, :j] = (t + torch.where(t >= 0, noise, -noise)) / safe
-    out[:, j] = noise / safe[:, 0]
+    out[:, j] = (noise / safe)[:, 0]
     out[:, j + 1] = 1.0
     # a problem that broke down (beta_j = 0) continues with zero vectors: nothing to lose
     return torch.where(beta_j[:, None] > 0, out, torch.zeros_like(out))
@@ -697,7 +698,10 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
     hist = _History(eps)
     up = upper
     steps = 0
-    anorm = 0.0  # running estimate of ||A|| (the largest |alpha_j| + beta_j seen)
+    # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
+    # that a batch mixing scales (1 and 1e10, as the resolvent norms of a pseudospectrum's grid)
+    # does not make the small ones look like rounding noise
+    anorm = torch.zeros(nb, dtype=torch.float64)
     reorths = 0
     while True:
         nb = q.shape[0]
@@ -709,7 +713,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
         omega = torch.zeros(nb, m + 1, dtype=torch.float64)
         omega[:, 0] = 1.0
         omega_prev = torch.zeros_like(omega)
-        force = False
+        force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
             w = _apply_flat(state.op, Q[:, j])
@@ -725,25 +729,29 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             w[:, None].baddbmm_(local.transpose(1, 2), Q[:, lo : j + 1], alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
             wn = torch.linalg.vector_norm(w, dim=1).double()
-            anorm = max(anorm, float((alpha[:, j].abs() + wn).max()))
+            anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
-            # by Simon's recurrence; orthogonalise against the whole basis only when the estimate
-            # exceeds sqrt(eps) (and at the step after), or when w is so small that its direction is
-            # mostly rounding (breakdown check)
+            # by Simon's recurrence; orthogonalise a problem's vector against its whole basis only
+            # when its estimate exceeds sqrt(eps) (and at the step after), or when w is so small that
+            # its direction is mostly rounding (breakdown check); the other problems are left alone
             omega_next = _omega_step(omega, omega_prev, alpha, beta, wn, j, eps * anorm)
-            tiny = bool((wn <= math.sqrt(eps) * anorm).any())
-            trigger = bool((omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)).any())
-            if force or trigger or tiny:
+            tiny = wn <= math.sqrt(eps) * anorm
+            trigger = omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)
+            need = force | trigger | tiny
+            if bool(need.any()):
+                sub = torch.nonzero(need).flatten()
+                Qs, ws = Q[sub, : j + 1], w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
-                    coef = torch.bmm(Q[:, : j + 1].conj(), w[:, :, None])
-                    w[:, None].baddbmm_(coef.transpose(1, 2), Q[:, : j + 1], alpha=-1)
+                    coef = torch.bmm(Qs.conj(), ws[:, :, None])
+                    ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
                     removed = torch.linalg.vector_norm(coef[:, :, 0], dim=1).double()
-                    wn = torch.linalg.vector_norm(w, dim=1).double()
-                    if bool((wn**2 >= 0.49 * (wn**2 + removed**2)).all()):
+                    wns = torch.linalg.vector_norm(ws, dim=1).double()
+                    if bool((wns**2 >= 0.49 * (wns**2 + removed**2)).all()):
                         break
-                omega_next[:, : j + 1] = eps
+                w[sub], wn[sub] = ws, wns
+                omega_next[sub, : j + 1] = eps
                 reorths += 1
-                force = trigger and not force  # the step after a triggered one is done too
+            force = trigger & ~force  # the step after a triggered one is done too
             omega_prev, omega = omega, omega_next
             beta[:, j] = wn
             k = j + 1
@@ -772,6 +780,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
                 Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
+                anorm, force = anorm[keep], force[keep]
                 hist.keep(keep)
                 up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)

@@ -330,3 +330,22 @@ def test_partial_reorthogonalisation_keeps_float32_lanczos_exact():
     r = top_eig(LinearOperator(lambda v: cont * v, in_shape=(n,)), _start(n, 0), tol=1e-6, max_iter=400)
     assert r.reorthogonalised < int(r.iterations[0]) // 4
     assert (float(cont.max()) - float(r.value[0])) / float(cont.max()) < 1e-5
+
+
+def test_problems_that_leave_do_not_restart_the_others():
+    # a batch of complex Hermitian problems with very different convergence speeds takes, for every
+    # problem, the same steps as that problem alone: the ones still running keep their Krylov bases
+    g = torch.Generator().manual_seed(5)
+    n, B = 60, 6
+    X = torch.randn(B, n, n, generator=g, dtype=torch.complex128)
+    lam = torch.rand(B, n, generator=g, dtype=torch.float64)
+    lam[:, 0] = 1.0 + 0.5 ** torch.arange(B, dtype=torch.float64)  # gaps from 1 down to 1/32
+    q, _ = torch.linalg.qr(X)
+    H = (q * lam[:, None, :].to(q.dtype)) @ q.mH
+    v0 = torch.randn(B, n, generator=g, dtype=torch.complex128)
+    batch = top_eig(LinearOperator.from_matrix(H), v0, tol=1e-12, max_iter=200)
+    alone = [top_eig(LinearOperator.from_matrix(H[b]), v0[b], tol=1e-12, max_iter=200) for b in range(B)]
+    assert torch.equal(batch.iterations, torch.cat([a.iterations for a in alone]))
+    assert torch.allclose(batch.value, torch.cat([a.value for a in alone]), rtol=1e-13)
+    assert torch.allclose(batch.value, torch.linalg.eigvalsh(H)[:, -1], rtol=1e-11)
+    assert len(set(batch.iterations.tolist())) > 1  # they did leave at different steps
