@@ -995,7 +995,8 @@ def plot_pseudospectrum(
 
     Returns
     -------
-    The contour set (for a colour bar).
+    matplotlib.contour.QuadContourSet
+        The contour set (for a colour bar).
     """
     import matplotlib.pyplot as plt
 

@@ -1,13 +1,13 @@
 """Part III: recurrent networks, spectra and pseudospectra (Sengupta & Friston, arXiv:1804.11313).
 
-Modules
--------
-models       Elman, LSTM and GRU classifiers with readable, normalisable recurrent blocks
-             (spectral radius by block power iteration, largest singular value, orthogonal), the
-             spectral-radius estimators, hidden states and (unrolled) state Jacobians
-tasks        the three offline sequence tasks and the cached, deterministic training
-robustness   accuracy under noise, FGSM/PGD, minimal flipping budgets, state amplification, E0
-             against the sequence length
+Its modules::
+
+    models       Elman, LSTM and GRU classifiers with readable, normalisable recurrent blocks
+                 (spectral radius by block power iteration, largest singular value, orthogonal), the
+                 spectral-radius estimators, hidden states and (unrolled) state Jacobians
+    tasks        the three offline sequence tasks and the cached, deterministic training
+    robustness   accuracy under noise, FGSM/PGD, minimal flipping budgets, state amplification, E0
+                 against the sequence length
 
 The pseudospectra themselves are :mod:`sensitivity_lib.pseudospectra` (a core module: they apply
 to any square matrix). The functions are re-exported here: ``recurrent.train(recipe)``.

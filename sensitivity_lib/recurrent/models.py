@@ -6,7 +6,7 @@ only the abstract was recoverable, so the equations here are PyTorch's and our o
 The networks
     One recurrent layer of ``hidden`` units read over a sequence ``x`` of shape ``(N, T, d)``, then
     a linear readout of the last hidden state: ``logits = W_o h_T + b_o``. The cells are PyTorch's,
-    written out (so that :mod:`torch.func` can differentiate them in both modes and the recurrent
+    written out (so that ``torch.func`` can differentiate them in both modes and the recurrent
     blocks can carry parametrisations); with the same weights they give the outputs of
     ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (tests):
 
@@ -435,7 +435,8 @@ def finalise(model: RecurrentClassifier) -> list[Estimate]:
     exact ``rho`` (dense eigenvalues) or ``sigma_max`` (dense singular values) of its current raw
     weight, which eval mode then uses: the evaluated blocks reach their target to rounding. The
     network's function changes by that last correction of the scale (small after training). Going
-    back to training mode discards the fixed values. Returns one :class:`Estimate` per normalised
+    back to training mode discards the fixed values. Returns one
+    :class:`~sensitivity_lib.results.Estimate` per normalised
     block: the raw weight's ``rho`` or ``sigma_max`` (``kind="exact"``), with the power estimate it
     replaced in ``extra["power"]``.
     """

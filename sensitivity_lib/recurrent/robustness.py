@@ -16,7 +16,7 @@ sequence, and perturbed inputs are clipped to [0, 1].
 - :func:`state_amplification`: how a perturbation of the hidden state at time ``start`` grows or
   shrinks by time ``t``: the measured ratio ``||s'_t - s_t|| / ||delta||`` for a small random
   ``delta``, and the worst case to first order, ``||d s_t / d s_start||_2``.
-- :func:`condition_vs_length`: Part I's E0 (:func:`sensitivity_lib.condition.local_condition`) of
+- :func:`condition_vs_length`: Part I's E0 (:func:`~sensitivity_lib.condition.local.local_condition`) of
   the network read over the first ``t`` steps, for several ``t``.
 
 Example
@@ -206,7 +206,7 @@ def _double(model):
 
 
 def condition_vs_length(model, x: Tensor, lengths, **kw) -> Tensor:
-    """E0 (Part I's relative condition number, :func:`sensitivity_lib.condition.local_condition`,
+    """E0 (Part I's relative condition number, :func:`~sensitivity_lib.condition.local.local_condition`,
     2-norm, logits) of the network read over the first ``t`` steps of ``x``, for each ``t`` in
     ``lengths``: float64 ``(len(lengths), N)``."""
     from sensitivity_lib.condition import local_condition

@@ -159,7 +159,8 @@ def train(recipe: SeqRecipe, *, cache: bool = True, progress: bool = True, monit
     """Train ``recipe`` (Adam, cross-entropy, gradient norm clipped to ``recipe.clip``) or load it.
 
     Returns ``(model in eval mode, SeqReport, (train, test) data)``. After training the persistent
-    power iterations of the normalisation are run to convergence (:func:`finalise`). ``monitor``,
+    power iterations of the normalisation are run to convergence
+    (:func:`~sensitivity_lib.recurrent.models.finalise`). ``monitor``,
     if given, is called as ``monitor(epoch, model)`` before the first and after every epoch and its
     return values are kept in ``report.history`` (cached with the weights).
     """
