@@ -33,6 +33,19 @@ How ``sigma_min(zI - A)`` is computed on many points (:func:`sigma_min_grid`, :f
     relative or better at the default ``tol=1e-9`` (tests). ``method="svd"`` is the dense reference:
     one ``svdvals(zI - A)`` per point (``kind="exact"``, up to rounding).
 
+Round-off
+    In float64, ``sigma_min(zI - A)`` is determined only down to about ``eps ||A||``: rounding ``A``'s
+    entries, or the Schur factorisation (exact for a perturbation of ``A`` of that size), moves it by
+    that much, and a dense SVD of a general matrix returns rounding noise of that size (a bidiagonal
+    one such as ``zI - J`` for a Jordan block is an exception: LAPACK resolves its tiny singular
+    values to high relative accuracy). Deep inside a pseudospectrum of a strongly non-normal matrix the true
+    value is far smaller (a 64x64 Jordan block has ``sigma_min(zI - J) ~ |z|^64``: 1e-109 at ``|z| =
+    0.02``), and the inverse Gram operator's values, ``1 / sigma_min^2``, overflow float64. Points
+    where one pair of triangular solves already proves ``sigma_min < eps ||A||_F`` (the *floor*) are
+    therefore reported as the floor, an upper bound like every Lanczos value, and flagged in
+    ``extra["below_floor"]``; so is a Ritz value that lands below it. Contours drawn below the floor
+    would be contours of rounding.
+
 Threads
     Complex dense SVDs ran about 600x slower with two BLAS threads than with one on a 2-core machine
     (OpenBLAS and MKL both oversubscribe a shared machine badly on these mid-size problems). Every
@@ -193,6 +206,9 @@ class _ShiftedTriangular:
         self.n = T.shape[0]
         self.diag = T.diagonal().clone()
         self.tree = self._build(0, self.n)
+        # below this, sigma_min(zI - A) is not determined by float64 data: the Schur factorisation
+        # alone is exact only for a perturbation of A of about this size (backward stability)
+        self.floor = float(torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(T))
 
     def _build(self, lo: int, hi: int):
         if hi - lo <= _LEAF:
@@ -243,6 +259,27 @@ class _ShiftedTriangular:
         self._lower_h(self.tree, dinv.conj(), x)
         self._upper(self.tree, dinv, x)
         return x.T
+
+    def sigma_bound(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """An upper bound on ``sigma_min(z_b I - T)`` per shift from one pair of solves started at
+        the complex rows ``v`` ``(B, n)``, computed without overflow: ``x = (zI - T)^-H v`` and
+        ``y = (zI - T)^-1 x`` give ``sigma_min <= ||v|| / ||x||`` and ``<= ||x|| / ||y||`` (each a
+        Rayleigh-type quotient), with ``x`` rescaled before the second solve. Where a solve
+        overflows (``sigma_min`` below about 1e-300) the bound is 0."""
+        dinv = self.inverse_diagonal(z)
+        x = v.T.clone(memory_format=torch.contiguous_format)
+        nv = torch.linalg.vector_norm(x, dim=0)
+        self._lower_h(self.tree, dinv.conj(), x)
+        sx = x.abs().amax(0).clamp_min(1e-300)  # scale before the norms: entries reach 1/sigma_min
+        x = x / sx
+        nx = torch.linalg.vector_norm(x, dim=0)
+        y = x.clone()
+        self._upper(self.tree, dinv, y)
+        sy = y.abs().amax(0).clamp_min(1e-300)
+        ny = torch.linalg.vector_norm(y / sy, dim=0)
+        bound = torch.minimum(nv / (sx * nx), (nx / ny) / sy)
+        finite = torch.isfinite(sx) & torch.isfinite(sy) & torch.isfinite(nx) & torch.isfinite(ny)
+        return torch.where(finite, bound, torch.zeros_like(bound)).nan_to_num(0.0)
 
     def operator(self, z: torch.Tensor) -> LinearOperator:
         """The batch of maps ``v -> (z_b I - T)^-1 (z_b I - T)^-H v`` on the *real* view of
@@ -301,6 +338,7 @@ class _Run:
     vectors: torch.Tensor | None  # complex128 (P, n) top eigenvectors of the inverse Gram
     iterations: torch.Tensor  # int64 (P,)
     converged: torch.Tensor  # bool (P,)
+    below_floor: torch.Tensor  # bool (P,): sigma_min < solver.floor, reported as the floor
 
 
 def _inverse_lanczos(
@@ -308,16 +346,29 @@ def _inverse_lanczos(
     generator: torch.Generator,
 ) -> _Run:  # fmt: skip
     """sigma_min(z_b I - T) for a batch of shifts, by Lanczos on the inverse Gram operators (in
-    chunks that keep the Krylov basis under ``_BASIS_BYTES``)."""
+    chunks that keep the Krylov basis under ``_BASIS_BYTES``).
+
+    Three kinds of points: on an eigenvalue (to rounding) ``sigma = 0`` exactly; points where one
+    pair of solves already shows ``sigma_min < solver.floor`` (``eps ||A||_F``: below it the value is
+    rounding, and its inverse Gram overflows float64 long before ``sigma_min`` reaches 1e-150, e.g.
+    a 64x64 Jordan block at ``|z| = 0.02``, ``sigma_min ~ 1e-109``) report the floor, an upper bound,
+    flagged ``below_floor``; the others run Lanczos (a Ritz value below the floor is reported the
+    same way)."""
     n, P = solver.n, len(z)
     sigma = torch.zeros(P, dtype=torch.float64)
     vectors = torch.zeros(P, n, dtype=torch.complex128)
     iterations = torch.zeros(P, dtype=torch.int64)
     converged = torch.ones(P, dtype=torch.bool)
+    below = torch.zeros(P, dtype=torch.bool)
     # a shift on an eigenvalue (to rounding) is singular: sigma_min = 0 exactly there
     scale = float(solver.diag.abs().max()) + 1.0
     gap = (z[:, None] - solver.diag[None, :]).abs().amin(1)
     live = torch.nonzero(gap > 64 * torch.finfo(torch.float64).eps * scale).flatten()
+    if len(live):
+        probe = torch.randn(len(live), n, dtype=torch.complex128, generator=generator)
+        deep = solver.sigma_bound(z[live], probe) < solver.floor
+        below[live[deep]] = True
+        live = live[~deep]
     basis = min(_MAX_BASIS, max_iter + 1)
     chunk = max(1, int(_BASIS_BYTES // (basis * n * 16)))
     for s in range(0, len(live), chunk):
@@ -331,7 +382,10 @@ def _inverse_lanczos(
         vectors[idx] = torch.view_as_complex(r.vector.reshape(len(idx), n, 2))
         iterations[idx] = r.iterations
         converged[idx] = r.converged
-    return _Run(sigma, vectors, iterations, converged)
+        below[idx] = sigma[idx] < solver.floor
+    sigma[below] = solver.floor
+    converged[below] = True  # sigma_min <= floor is established, which is all float64 can say
+    return _Run(sigma, vectors, iterations, converged, below)
 
 
 def _dense_sigma_min(A: torch.Tensor, z: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -388,7 +442,9 @@ def sigma_min_at(
         ``value`` float64 ``(P,)``; ``kind="upper"`` for Lanczos (``1/sqrt`` of a Ritz value: never
         below ``sigma_min``, up to rounding), ``"exact"`` for the SVD; ``converged`` bool ``(P,)``;
         ``extra["iterations"]`` int64 ``(P,)`` (0 where ``z`` is an eigenvalue to rounding, and
-        ``sigma = 0`` there).
+        ``sigma = 0`` there); ``extra["floor"]`` (``eps ||A||_F``) and ``extra["below_floor"]`` bool
+        ``(P,)``: where ``sigma_min`` is below the floor, the value reported is the floor (the
+        module docstring, "Round-off").
 
     Example
     -------
@@ -405,13 +461,13 @@ def sigma_min_at(
             val = _dense_sigma_min(M, pts)
             return Estimate(val, "exact", method="dense svdvals(zI - A)", norm="2", extra={"points": pts})
         T, _ = schur_form(M, threads=threads)
-        run = _inverse_lanczos(
-            _ShiftedTriangular(T), pts, None, tol, max_iter, torch.Generator().manual_seed(seed)
-        )
+        solver = _ShiftedTriangular(T)
+        run = _inverse_lanczos(solver, pts, None, tol, max_iter, torch.Generator().manual_seed(seed))
     return Estimate(
         run.sigma, "upper", method="Schur + batched inverse Lanczos", norm="2",
         iterations=int(run.iterations.max()), converged=run.converged,
-        extra={"iterations": run.iterations, "points": pts, "tol": tol},
+        extra={"iterations": run.iterations, "points": pts, "tol": tol, "floor": solver.floor,
+               "below_floor": run.below_floor},
     )  # fmt: skip
 
 
@@ -480,7 +536,8 @@ def sigma_min_grid(
         ``value`` float64 tensor ``(len(im), len(re))``; ``kind`` ``"upper"`` (Lanczos) or
         ``"exact"`` (SVD); ``converged`` bool of the same shape; ``extra``: ``re``, ``im``,
         ``iterations`` (int64 grid), ``eigenvalues`` (complex128, from the Schur form),
-        ``points_computed`` (after the symmetry).
+        ``points_computed`` (after the symmetry), ``floor`` and ``below_floor`` (bool grid; the
+        module docstring, "Round-off"; ``nan`` and all False for the SVD).
 
     Example
     -------
@@ -502,7 +559,9 @@ def sigma_min_grid(
             sig = _dense_sigma_min(M, torch.from_numpy(Z.reshape(-1))).reshape(Z.shape)
             its = torch.zeros(Z.shape, dtype=torch.int64)
             conv = torch.ones(Z.shape, dtype=torch.bool)
+            low = torch.zeros(Z.shape, dtype=torch.bool)
             eig = torch.linalg.eigvals(M)
+            floor = math.nan
             kind, label = "exact", "dense svdvals(zI - A)"
         else:
             T, _ = schur_form(M, threads=threads)
@@ -512,6 +571,8 @@ def sigma_min_grid(
             sig = torch.zeros(Z.shape, dtype=torch.float64)
             its = torch.zeros(Z.shape, dtype=torch.int64)
             conv = torch.ones(Z.shape, dtype=torch.bool)
+            low = torch.zeros(Z.shape, dtype=torch.bool)
+            floor = solver.floor
             vec = torch.zeros(*Z.shape, M.shape[0], dtype=torch.complex128)
             Zt = torch.from_numpy(Z)
             for cols, from_cols in _waves(len(re_a)):
@@ -529,6 +590,7 @@ def sigma_min_grid(
                 sig[:, cols] = run.sigma.reshape(shape).T
                 its[:, cols] = run.iterations.reshape(shape).T
                 conv[:, cols] = run.converged.reshape(shape).T
+                low[:, cols] = run.below_floor.reshape(shape).T
                 vec[:, cols] = run.vectors.reshape(*shape, -1).transpose(0, 1)
             kind, label = "upper", "Schur + batched inverse Lanczos"
     where = torch.from_numpy(np.searchsorted(rows, source))
@@ -537,7 +599,8 @@ def sigma_min_grid(
         value, kind, method=label, norm="2", iterations=int(its.max()),
         converged=converged if method == "lanczos" else None,
         extra={"re": re_a, "im": im_a, "iterations": iters, "eigenvalues": eig,
-               "points_computed": int(Z.size), "tol": tol},
+               "points_computed": int(Z.size), "tol": tol, "floor": floor,
+               "below_floor": low[where]},
     )  # fmt: skip
 
 
