@@ -774,10 +774,16 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
                 q = ritz  # explicit restart from the Ritz vector
                 break
             if bool(done.any()) and state.op.restrictable:
-                # converged problems leave the batch; the others go on with their Krylov bases
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                # converged problems leave the batch (with their Ritz vectors); the others go on
+                # with their Krylov bases
+                ritz = torch.zeros_like(w)
+                dn = torch.nonzero(done).flatten()
+                ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Q[dn, :k], s[dn].to(Q.dtype)))
                 keep = state.retire(done, ritz)
-                Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
+                # copy only the basis vectors written so far (the buffer holds max_basis of them)
+                kept = Q.new_empty(int(keep.sum()), m, n)
+                kept[:, : j + 1] = Q[keep, : j + 1]
+                Q, alpha, beta = kept, alpha[keep], beta[keep]
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
                 anorm, force = anorm[keep], force[keep]
