@@ -120,7 +120,7 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("lanczos", "svd")
 _LEAF = 16  # diagonal blocks solved by substitution; everything above them is matrix products
-_BASIS_BYTES = 256e6  # Krylov basis memory per batch of points
+_BASIS_BYTES = 512e6  # Krylov basis memory per batch of points, at most (touched only as filled)
 _MAX_BASIS = 128  # Lanczos vectors kept before a restart
 
 
