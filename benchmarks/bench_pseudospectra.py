@@ -17,9 +17,8 @@ brackets, CPU seconds of this process (steadier when the machine is shared):
 ``ours``
     ``sigma_min_grid(A, re, im)``: one complex Schur decomposition, then Lanczos
     (``sensitivity_lib.krylov.top_eig``, ``tol=1e-8`` on ``1 / sigma^2``) on the batched operators
-    ``(zI - T)^-1 (zI - T)^-H``, all grid points at once in chunks, converged points leaving, the
-    grid swept in waves that start from a computed neighbour column, and the rows below the real
-    axis taken from their mirror images (``A`` is real: exact).
+    ``(zI - T)^-1 (zI - T)^-H``, all grid points at once in chunks, converged points leaving, and the rows
+    below the real axis taken from their mirror images (``A`` is real: exact).
 ``ours, every point``
     The same with ``symmetry=False``: every grid point iterated.
 ``dense``

@@ -707,6 +707,16 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
         nb = q.shape[0]
         Q = q.new_empty(nb, m, n)  # only the first j + 1 rows are ever read
         Q[:, 0] = q
+        # the rows of Q that belong to the problems still running (None: all of them); problems
+        # that converge leave without the others' bases being copied
+        live: Tensor | None = None
+
+        def basis(cols, rows=None):
+            """Q restricted to the running problems (or their subset ``rows``) and ``cols``."""
+            if live is None:
+                return Q[:, cols] if rows is None else Q[rows, cols]
+            return Q[live if rows is None else live[rows], cols]
+
         alpha = torch.zeros(nb, m, dtype=torch.float64)
         beta = torch.zeros(nb, m, dtype=torch.float64)
         # omega[:, k] estimates q_j . q_k for the current j, omega_prev the same for j - 1
@@ -716,17 +726,19 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
         force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
-            w = _apply_flat(state.op, Q[:, j])
+            qj = basis(j)
+            w = _apply_flat(state.op, qj)
             steps += 1
             # the three-term recurrence (modified Gram-Schmidt form, fused in-place updates), then a
             # second local pass against q_j and q_{j-1} so that q_{j+1} . q_j stays at rounding level
             if j > 0:
-                w.addcmul_(Q[:, j - 1], beta[:, j - 1, None].to(w.dtype), value=-1)
-            alpha[:, j] = _dot(Q[:, j], w)
-            w.addcmul_(Q[:, j], alpha[:, j, None].to(w.dtype), value=-1)
+                w.addcmul_(basis(j - 1), beta[:, j - 1, None].to(w.dtype), value=-1)
+            alpha[:, j] = _dot(qj, w)
+            w.addcmul_(qj, alpha[:, j, None].to(w.dtype), value=-1)
             lo = max(0, j - 1)
-            local = torch.bmm(Q[:, lo : j + 1].conj(), w[:, :, None])  # (B, 2, 1)
-            w[:, None].baddbmm_(local.transpose(1, 2), Q[:, lo : j + 1], alpha=-1)
+            Ql = basis(slice(lo, j + 1))
+            local = torch.bmm(Ql.conj(), w[:, :, None])  # (B, 2, 1)
+            w[:, None].baddbmm_(local.transpose(1, 2), Ql, alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
             wn = torch.linalg.vector_norm(w, dim=1).double()
             anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
@@ -740,7 +752,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             need = force | trigger | tiny
             if bool(need.any()):
                 sub = torch.nonzero(need).flatten()
-                Qs, ws = Q[sub, : j + 1], w[sub]
+                Qs, ws = basis(slice(0, j + 1), sub), w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
                     coef = torch.bmm(Qs.conj(), ws[:, :, None])
                     ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
@@ -767,17 +779,22 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             done = state.decide(*_decide(hist, tol, up, invariant, basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", basis(slice(0, k)), s.to(Q.dtype)))
                 if stop:
                     state.store(torch.arange(ritz.shape[0]), ritz)
                     return state, reorths
                 q = ritz  # explicit restart from the Ritz vector
                 break
             if bool(done.any()) and state.op.restrictable:
-                # converged problems leave the batch; the others go on with their Krylov bases
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                # converged problems leave the batch (with their Ritz vectors); the others go on
+                # with their Krylov bases
+                ritz = torch.zeros_like(w)
+                dn = torch.nonzero(done).flatten()
+                Qd = basis(slice(0, k), dn)
+                ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Qd, s[dn].to(Q.dtype)))
                 keep = state.retire(done, ritz)
-                Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
+                live = (torch.arange(len(Q), device=Q.device) if live is None else live)[keep.to(Q.device)]
+                alpha, beta = alpha[keep], beta[keep]
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
                 anorm, force = anorm[keep], force[keep]
@@ -785,7 +802,10 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
                 up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
-            torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
+            if live is None:
+                torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
+            else:
+                Q[live, j + 1] = w * scale_next[:, None].to(w.dtype)
             j += 1
 
 

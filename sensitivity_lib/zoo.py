@@ -310,6 +310,35 @@ def torchvision_model(name: str, weights: str | None = "imagenet", *, seed: int 
 TRAINING_CODE_VERSION = 1
 
 
+def recipe_key(recipe, version: int) -> str:
+    """The cache key of a training recipe: 16 hex digits of the SHA-256 of its fields (a frozen
+    dataclass, JSON-serialisable) and of ``version``, the version of the code that trains it (bump
+    it when the weights that code produces change). Every trained-model cache of the book uses it.
+
+    Example
+    -------
+    >>> recipe_key(Recipe("lenet5"), TRAINING_CODE_VERSION) == Recipe("lenet5").key()
+    True
+    """
+    blob = json.dumps({**dataclasses.asdict(recipe), "code": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """``torch.save(ckpt)`` to ``path`` atomically: written beside it under a temporary name, then
+    renamed, so that an interrupted run or a concurrent reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, on the CPU (``weights_only``: no pickled code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines a trained model; its hash names the cached checkpoint.
@@ -333,8 +362,7 @@ class Recipe:
 
     def key(self) -> str:
         """A short hash of the recipe and the training-code version."""
-        blob = json.dumps({**dataclasses.asdict(self), "code": TRAINING_CODE_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return recipe_key(self, TRAINING_CODE_VERSION)
 
 
 @dataclass(frozen=True)
@@ -406,7 +434,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
     model = build(recipe, train_set.classes, train_set.shape[0])
     path = cache_dir() / "models" / f"{recipe.arch}-{recipe.key()}.pt"
     if cache and path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
         model.net.load_state_dict(ckpt["state_dict"])
         return model.eval(), TrainReport(recipe, **ckpt["report"])
 
@@ -441,10 +469,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
         test_accuracy=model.accuracy(test_set.images, test_set.labels),
     )  # fmt: skip
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
-        ckpt = {"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, {"state_dict": net.state_dict(), "report": fields,
+                               "recipe": dataclasses.asdict(recipe)})  # fmt: skip
     return model, report

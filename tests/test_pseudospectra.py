@@ -92,6 +92,30 @@ def test_grid_values_never_fall_below_the_truth():
     assert np.all(lanczos >= exact * (1 - 1e-12))
 
 
+def test_deep_inside_a_jordan_pseudospectrum_the_floor_is_reported_not_an_overflow():
+    # sigma_min(zI - J64) ~ |z|^64: 1e-109 at |z| = 0.02, where 1 / sigma_min^2 overflows float64.
+    # The reference is LAPACK's dense SVD, which resolves a bidiagonal matrix's tiny singular values
+    # to high relative accuracy (so it is an independent check that the floor is an upper bound).
+    n = 64
+    J = torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)
+    re = np.array([-1.2, -0.4, 0.02, 0.1, 0.4, 0.85, 0.95, 1.2])  # |z| far from 0.58, the floor
+    im = np.array([0.0, 0.3])
+    e = ps.sigma_min_grid(J, re, im)
+    d = ps.sigma_min_grid(J, re, im, method="svd").value.numpy()
+    floor = e.extra["floor"]
+    assert floor == pytest.approx(np.finfo(np.float64).eps * math.sqrt(n - 1), rel=1e-12)
+    low = e.extra["below_floor"].numpy()
+    s = e.value.numpy()
+    assert bool(e.converged.all()) and np.isfinite(s).all()
+    assert np.array_equal(low, d < floor)  # flagged exactly where the reference is below the floor
+    assert low.sum() >= 4 and (~low).sum() >= 4
+    assert np.all(s[low] == floor) and np.all(d[low] <= floor)
+    assert np.allclose(s[~low], d[~low], rtol=1e-8, atol=0)
+    e1 = ps.sigma_min_at(J, [0.02, 0.95])
+    assert e1.extra["below_floor"].tolist() == [True, False]
+    assert float(e1.value[1]) == pytest.approx(float(d[0, 6]), rel=1e-8)
+
+
 def test_jordan_block_pseudospectral_radius_grows_like_eps_to_the_1_over_n():
     n = 4
     J = torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)

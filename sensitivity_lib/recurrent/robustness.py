@@ -86,6 +86,16 @@ def noise_accuracy(model, x: Tensor, y: Tensor, eps, *, kind: str = "uniform", d
     ``kind="uniform"``: ``delta`` uniform in ``[-eps, eps]`` per entry (``||delta||_inf <= eps``);
     ``"gaussian"``: ``N(0, eps^2)`` per entry. The noisy input is clipped to [0, 1]; the accuracy is
     the mean over ``draws`` draws.
+
+    Example
+    -------
+    >>> import torch
+    >>> from sensitivity_lib.recurrent.models import RecurrentClassifier
+    >>> m = RecurrentClassifier("elman", 4, 8, 3, seed=0).eval()
+    >>> x, y = torch.rand(5, 6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    >>> clean = float((m(x).argmax(1) == y).double().mean())
+    >>> float(noise_accuracy(m, x, y, [0.0])[0]) == clean     # no noise: the clean accuracy
+    True
     """
     _check(model, x, y)
     if kind not in ("uniform", "gaussian"):
@@ -136,7 +146,18 @@ ATTACKS = {"fgsm": fgsm, "pgd": pgd}
 
 
 def attack_accuracy(model, x: Tensor, y: Tensor, eps, *, attack: str = "fgsm", **kw) -> Tensor:
-    """Accuracy under ``attack`` (``"fgsm"`` or ``"pgd"``), one value per budget ``eps``."""
+    """Accuracy under ``attack`` (``"fgsm"`` or ``"pgd"``), one value per budget ``eps`` (float64).
+
+    Example
+    -------
+    >>> import torch
+    >>> from sensitivity_lib.recurrent.models import RecurrentClassifier
+    >>> m = RecurrentClassifier("elman", 4, 8, 3, seed=0).eval()
+    >>> x, y = torch.rand(5, 6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    >>> acc = attack_accuracy(m, x, y, [0.0, 0.5], attack="pgd", steps=5)
+    >>> float(acc[0]) == float((m(x).argmax(1) == y).double().mean()), bool(acc[1] <= acc[0])
+    (True, True)
+    """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {attack!r}")
     out = []
@@ -154,6 +175,18 @@ def minimal_flip(model, x: Tensor, *, attack: str = "pgd", hi: float = 1.0, tol:
     too. Bisection on ``[0, hi]`` by :func:`sensitivity_lib.search.flip_search` to relative
     ``tol``. ``value`` float64 ``(N,)`` (``inf``: no flip up to ``hi``), ``kind="upper"``: an
     achieved flip bounds the ``l_inf`` distance to another class from above.
+
+    Example
+    -------
+    >>> import torch
+    >>> from sensitivity_lib.recurrent.models import RecurrentClassifier
+    >>> m = RecurrentClassifier("elman", 4, 8, 3, seed=0).eval()
+    >>> x, y = torch.rand(5, 6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    >>> r = minimal_flip(m, x, attack="fgsm", hi=1.0, tol=0.01)
+    >>> pred = m(x).argmax(1)
+    >>> i = int(torch.nonzero(r.converged)[0])            # a sample that flips: FGSM at its budget flips it
+    >>> int(m(fgsm(m, x[i:i + 1], pred[i:i + 1], float(r.value[i]))).argmax(1)) != int(pred[i])
+    True
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {attack!r}")
@@ -177,6 +210,16 @@ def state_amplification(model: RecurrentClassifier, x: Tensor, *, start: int = 0
     ``"measured"``: ``||s'_t - s_t|| / ||delta||`` after adding a random ``delta`` of norm ``size``
     (in float64) to ``s_start`` and running the network on; ``"worst"``: ``||d s_t / d s_start||_2``
     (the first-order worst case over directions, from the unrolled state Jacobians).
+
+    Example
+    -------
+    >>> import torch
+    >>> from sensitivity_lib.recurrent.models import RecurrentClassifier
+    >>> m = RecurrentClassifier("elman", 4, 8, 3, seed=0).eval()
+    >>> x, y = torch.rand(5, 6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    >>> a = state_amplification(m, x, size=1e-7)
+    >>> a["worst"].shape, bool((a["measured"] <= a["worst"] * (1 + 1e-4)).all())
+    (torch.Size([5, 7]), True)
     """
     _check(model, x)
     T = x.shape[1]
@@ -216,5 +259,17 @@ def condition_vs_length(model, x: Tensor, lengths, **kw) -> Tensor:
 
 
 def unrolled_norm(model: RecurrentClassifier, x: Tensor, start: int = 0) -> Tensor:
-    """``||d s_T / d s_start||_2`` per sample (float64 ``(N,)``)."""
+    """``||d s_T / d s_start||_2`` per sample (float64 ``(N,)``): the first-order worst-case growth
+    of a state perturbation at ``start`` by the last step (the product of the state Jacobians).
+
+    Example
+    -------
+    >>> import torch
+    >>> from sensitivity_lib.recurrent.models import RecurrentClassifier, finalise
+    >>> m = RecurrentClassifier("elman", 4, 8, 3, normalise="sigma", seed=0).eval()
+    >>> _ = finalise(m)
+    >>> x = torch.rand(5, 6, 4, generator=torch.Generator().manual_seed(0))
+    >>> bool((unrolled_norm(m, x) <= 1 + 1e-6).all())     # ||J_t|| <= ||W|| = 1 at every step
+    True
+    """
     return torch.linalg.matrix_norm(state_jacobian(_double(model), x.double(), start), 2)

@@ -30,9 +30,6 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import sys
 from dataclasses import dataclass
 
@@ -40,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sensitivity_lib import zoo
 from sensitivity_lib.recurrent.models import RecurrentClassifier, finalise
 
 __all__ = ["TASKS", "SeqData", "SeqRecipe", "SeqReport", "as_rows", "adding_problem", "task_data",
@@ -127,8 +125,8 @@ class SeqRecipe:
     rho_method: str = "power"
 
     def key(self) -> str:
-        blob = json.dumps({**dataclasses.asdict(self), "code": TRAINING_CODE_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """The cache key (:func:`sensitivity_lib.zoo.recipe_key` with this module's code version)."""
+        return zoo.recipe_key(self, TRAINING_CODE_VERSION)
 
 
 @dataclass(frozen=True)
@@ -166,11 +164,9 @@ def train(recipe: SeqRecipe, *, cache: bool = True, progress: bool = True, monit
     """
     train_set, test_set = task_data(recipe.task, recipe.n_train, recipe.n_test, seed=recipe.seed, T=recipe.T)
     model = build(recipe, train_set.x.shape[2], train_set.n_classes)
-    from sensitivity_lib import zoo
-
     path = zoo.cache_dir() / "models" / f"rnn-{recipe.cell}-{recipe.key()}.pt"
     if cache and path.is_file() and (monitor is None or path.with_suffix(".mon").is_file()):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = zoo.load_checkpoint(path)
         model.load_state_dict(ckpt["state_dict"])
         return model.eval(), SeqReport(recipe, **ckpt["report"]), (train_set, test_set)
 
@@ -209,12 +205,9 @@ def train(recipe: SeqRecipe, *, cache: bool = True, progress: bool = True, monit
     report = SeqReport(recipe, total / max(n, 1), accuracy(model, train_set), accuracy(model, test_set),
                        tuple(history))  # fmt: skip
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
         fields["history"] = tuple(history)
-        torch.save({"state_dict": model.state_dict(), "report": fields}, tmp)
-        os.replace(tmp, path)
+        zoo.save_checkpoint(path, {"state_dict": model.state_dict(), "report": fields})
         if monitor is not None:
             path.with_suffix(".mon").touch()
     return model, report, (train_set, test_set)
