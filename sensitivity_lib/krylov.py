@@ -22,6 +22,9 @@ Methods
       power iteration.
     * :func:`top_singular`: the largest singular value, by the same iterations on the Gram operator
       of the smaller side (``A^H A`` or ``A A^H``), finished by ``sigma = ||A v|| / ||v||``.
+    * :func:`solve`: a linear solve ``A x = b`` (least squares when ``b`` is not in the range), by
+      scipy's MINRES (self-adjoint ``A``) or LSQR on :func:`to_scipy`'s adapter, with the
+      tolerance explicit and convergence judged on recomputed residuals (below), never silent.
 
     Lanczos keeps the Krylov basis semi-orthogonal by partial re-orthogonalisation: Simon's
     recurrence estimates the loss of orthogonality at every step, and the new vector is
@@ -55,6 +58,21 @@ The stopping rule (the same for both methods and every caller)
     apart; with them, every value reported as converged was within ``tol`` on the tests' random
     matrices and on 160 random convolutions against dense SVDs.
 
+The linear solves
+    :func:`solve` runs ``scipy.sparse.linalg.minres`` or ``lsqr`` from ``x0 = 0`` (so the iterates
+    stay in the Krylov space of ``A^H b``: LSQR returns the minimum-norm least-squares solution for
+    any ``b``, MINRES the minimum-norm solution when ``b`` is in the range of ``A``). scipy's own
+    stopping tests use its running estimates; this module recomputes, with two more products,
+
+    ``residual = ||A x - b|| / ||b||``  and  ``normal_residual = ||A^H (A x - b)|| / ||A^H b||``
+
+    and reports the solve as converged when either is at most ``tol`` (a solution of ``A x = b``,
+    or a least-squares solution, to ``tol``). scipy's tests are relative to ``||A|| ||x||``, so on
+    an ill-conditioned system it can stop before these pass: the solve then restarts on the
+    residual (the correction again from 0, so LSQR's iterates stay in the range of ``A^H``), up to
+    8 times within ``max_iter``. If the residuals still do not pass, ``converged`` is false and
+    :class:`NotConvergedWarning` is raised as a warning.
+
 What the result guarantees
     The value is a Rayleigh quotient of the returned vector, so it is never above the largest
     eigenvalue (singular value), up to the rounding of its final evaluation: a *lower* estimate,
@@ -77,6 +95,9 @@ Example
 >>> s = top_singular(LinearOperator.from_matrix(B), tol=1e-12)
 >>> round(float(s.value[0]), 12)
 5.0
+>>> r = solve(LinearOperator.from_matrix(A), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+>>> [round(v, 12) for v in r.x.tolist()], r.status
+([1.0, 1.0, 1.0], 'solution')
 """
 
 from __future__ import annotations
@@ -85,7 +106,9 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from sensitivity_lib.validation import check_finite_tensor
@@ -99,9 +122,15 @@ __all__ = [
     "top_singular",
     "linear_adjoint",
     "METHODS",
+    "SOLVERS",
+    "SolveResult",
+    "solve",
+    "to_scipy",
 ]
 
 METHODS: tuple[str, ...] = ("lanczos", "power")
+SOLVERS: tuple[str, ...] = ("minres", "lsqr")
+_MAX_RESTARTS = 8  # solves for the correction when scipy stops before the recomputed residuals pass
 _WINDOW = 5  # increments looked at by rule 1
 _SAFETY = 4.0  # rule 1's factor on the geometric tail
 _NOISE = 16.0  # increments below _NOISE * eps * |theta| are rounding, not convergence
@@ -892,4 +921,222 @@ def top_singular(
         left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res.cpu(),
         error=state.error / 2, converged=state.converged, history=hist, method=method, tol=tol,
         side=side, reorthogonalised=reorths,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# linear solves (scipy's MINRES and LSQR on a matrix-free operator)
+
+
+def to_scipy(op: LinearOperator, *, hermitian: bool = False) -> Any:
+    """A ``scipy.sparse.linalg.LinearOperator`` (float64) applying the single real map of ``op``.
+
+    Parameters
+    ----------
+    op
+        A :class:`LinearOperator` with ``batch == 1`` and a real dtype; vectors go to its device
+        and dtype and come back as float64 NumPy arrays (``op.in_shape`` and ``op.out_shape`` are
+        flattened).
+    hermitian
+        Use ``matvec`` as the adjoint too (for a self-adjoint ``op`` without ``rmatvec``).
+
+    Example
+    -------
+    >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> S = to_scipy(LinearOperator.from_matrix(A))
+    >>> S.shape, S.matvec(np.ones(2)).tolist(), S.rmatvec(np.ones(3)).tolist()
+    ((3, 2), [3.0, 3.0, 2.0], [3.0, 5.0])
+    """
+    import scipy.sparse.linalg as sla
+
+    if op.batch != 1:
+        raise ValueError(f"to_scipy needs a single operator (batch 1), got batch {op.batch}")
+    if op.dtype.is_complex:
+        raise ValueError("to_scipy handles real operators only")
+    if hermitian and op.in_shape != op.out_shape:
+        raise ValueError(f"a Hermitian operator must be square, got {op.in_shape} -> {op.out_shape}")
+
+    def wrap(apply, shape):
+        def f(v):
+            t = torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+            out = apply(t.to(device=op.device, dtype=op.dtype).reshape(1, *shape))
+            return out.reshape(-1).to(torch.float64).cpu().numpy()
+
+        return f
+
+    matvec = wrap(op.apply, op.in_shape)
+    if hermitian:
+        rmatvec = matvec
+    elif op.rmatvec is not None:
+        rmatvec = wrap(op.apply_adjoint, op.out_shape)
+    else:
+        rmatvec = None
+    return sla.LinearOperator((op.n_out, op.n_in), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+
+
+def _verdict(r, ahr, bnorm: float, ahb_norm: float, tol: float) -> tuple[float, float, str]:
+    """(residual, normal_residual, status) of the residual ``r = A x - b`` (module docstring)."""
+    rnorm = float(np.linalg.norm(r))
+    residual = rnorm / bnorm if bnorm > 0 else 0.0
+    normal = float(np.linalg.norm(ahr)) / ahb_norm if ahb_norm > 0 else 0.0
+    if residual <= tol:
+        return residual, normal, "solution"
+    if normal <= tol:
+        return residual, normal, "least-squares"
+    return residual, normal, "not converged"
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """The outcome of :func:`solve`.
+
+    Attributes
+    ----------
+    x
+        The solution, shape ``in_shape`` (in the operator's dtype and device).
+    residual
+        ``||A x - b|| / ||b||``, recomputed after the solve (0 for ``b = 0``).
+    normal_residual
+        ``||A^H (A x - b)|| / ||A^H b||``, recomputed (0 when ``A^H b = 0``): how far ``x`` is from a
+        least-squares solution.
+    converged
+        ``residual <= tol`` or ``normal_residual <= tol``.
+    status
+        ``"solution"`` (``residual <= tol``), ``"least-squares"`` (only ``normal_residual <= tol``:
+        ``b`` is not in the range of ``A`` to this accuracy) or ``"not converged"``.
+    iterations
+        Iterations of the solver.
+    products
+        Applications of ``A`` and ``A^H`` in all (the solver's and the two checks').
+    method, tol
+        The solver and the tolerance it was given.
+    """
+
+    x: Tensor
+    residual: float
+    normal_residual: float
+    converged: bool
+    status: str
+    iterations: int
+    products: int
+    method: str
+    tol: float
+
+
+def solve(
+    op: LinearOperator,
+    b: Tensor,
+    *,
+    method: str = "minres",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    hermitian: bool = False,
+    warn: bool = True,
+) -> SolveResult:
+    """Solve ``A x = b`` (or ``min ||A x - b||``) matrix-free with scipy's MINRES or LSQR from ``x0 = 0``.
+
+    Parameters
+    ----------
+    op
+        A real :class:`LinearOperator` with ``batch == 1``. MINRES needs it square and self-adjoint
+        (not checked: a non-symmetric operator gives a wrong answer that the recomputed residuals
+        then report); LSQR needs ``rmatvec``, or ``hermitian=True``.
+    b
+        The right-hand side, ``out_shape`` (any shape with that many entries).
+    method
+        ``"minres"`` (one product per iteration; minimum-norm when ``b`` is in the range) or
+        ``"lsqr"`` (two products per iteration; the minimum-norm least-squares solution for any
+        ``b``).
+    tol
+        Passed to scipy (MINRES ``rtol``; LSQR ``atol = btol``; LSQR's condition limit is off) and
+        used for the convergence verdict on the recomputed residuals (module docstring).
+    max_iter
+        Iteration limit (default: scipy's, ``5 n`` for MINRES and ``2 n`` for LSQR).
+    hermitian
+        The operator is self-adjoint: its ``matvec`` serves as the adjoint.
+    warn
+        Warn with :class:`NotConvergedWarning` when the solve did not converge.
+
+    Returns
+    -------
+    SolveResult
+    """
+    import scipy.sparse.linalg as sla
+
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
+    if not (tol > 0) or not math.isfinite(tol):
+        raise ValueError(f"need a finite tol > 0, got {tol}")
+    if max_iter is not None and int(max_iter) < 1:
+        raise ValueError(f"need max_iter >= 1, got {max_iter}")
+    if method == "minres":
+        if op.in_shape != op.out_shape:
+            raise ValueError(
+                f"MINRES needs a square self-adjoint operator, got {op.in_shape} -> {op.out_shape}"
+            )
+        hermitian = True
+    check_finite_tensor(b, "the right-hand side b")
+    if b.numel() != op.n_out:
+        raise ValueError(
+            f"b must hold {op.n_out} values (out_shape {op.out_shape}), got shape {tuple(b.shape)}"
+        )
+    S = to_scipy(op, hermitian=hermitian)
+    if S.rmatvec is None:
+        raise ValueError("LSQR needs the adjoint: give the operator an rmatvec, or hermitian=True")
+    count = [0]
+    mv, rmv = S.matvec, S.rmatvec
+
+    def counted(f):
+        def g(v):
+            count[0] += 1
+            return f(v)
+
+        return g
+
+    A = sla.LinearOperator(S.shape, matvec=counted(mv), rmatvec=counted(rmv), dtype=np.float64)
+    rhs = b.reshape(-1).to(torch.float64).cpu().numpy()
+    bnorm = float(np.linalg.norm(rhs))
+    ahb = rmv(rhs) if bnorm > 0 else np.zeros(op.n_in)
+    ahb_norm = float(np.linalg.norm(ahb))
+    count[0] += 1
+    x = np.zeros(op.n_in)
+    r = -rhs
+    limit = max_iter if max_iter is not None else (5 if method == "minres" else 2) * op.n_in
+    iterations, residual, normal, status = 0, 0.0, 0.0, "solution"
+    for _restart in range(_MAX_RESTARTS + 1):
+        residual, normal, status = _verdict(r, rmv(r), bnorm, ahb_norm, tol)
+        count[0] += 1
+        if status != "not converged" or iterations >= limit:
+            break
+        # scipy's own tests are relative to its estimates of ||A|| ||x||; when they stop short of
+        # ours, solve again for the correction (from 0: the iterates stay in the same Krylov range)
+        budget = limit - iterations
+        if method == "minres":
+            its = [0]
+
+            def callback(_xk, its=its):
+                its[0] += 1
+
+            d, _info = sla.minres(A, -r, rtol=tol, maxiter=budget, callback=callback)
+            iterations += its[0]
+        else:
+            out = sla.lsqr(A, -r, atol=tol, btol=tol, conlim=0.0, iter_lim=budget)
+            d = out[0]
+            iterations += int(out[2])
+        x = x + d
+        r = mv(x) - rhs
+        count[0] += 1
+    converged = status != "not converged"
+    if warn and not converged:
+        warnings.warn(
+            f"{method}: the solve did not converge to tol={tol:g} in {iterations} iterations "
+            f"(relative residual {residual:.2g}, normal-equations residual {normal:.2g}). Raise "
+            "max_iter or loosen tol.",
+            NotConvergedWarning,
+            stacklevel=2,
+        )
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(device=op.device, dtype=op.dtype)
+    return SolveResult(
+        x=xt.reshape(op.in_shape), residual=residual, normal_residual=normal, converged=converged,
+        status=status, iterations=iterations, products=count[0], method=method, tol=tol,
     )  # fmt: skip
