@@ -383,3 +383,24 @@ def test_solve_that_stops_early_is_marked_and_warns():
         solve(_op(torch.zeros(3, 2, dtype=torch.float64)), torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="method"):
         solve(_op(A), _start(40, 9), method="cg")
+
+
+def test_noise_floor_lets_an_inexact_operator_converge():
+    # every product is off by a relative 1e-9 (as when it contains an iterative solve): the
+    # increments stop shrinking at that level, so without ``noise`` rule 1 never holds
+    A = _psd(30, 11)
+    exact = float(torch.linalg.eigvalsh(A)[-1])
+    g = torch.Generator().manual_seed(12)
+
+    def noisy(v):
+        w = v @ A.T
+        return w * (1 + 1e-9 * torch.randn(w.shape, generator=g, dtype=torch.float64))
+
+    op = LinearOperator(noisy, in_shape=(30,))
+    with pytest.warns(NotConvergedWarning):
+        r = top_eig(op, _start(30, 13), method="power", tol=1e-8, max_iter=300)
+    assert not bool(r.converged[0])
+    r = top_eig(op, _start(30, 13), method="power", tol=1e-6, max_iter=2000, noise=1e-8)
+    assert bool(r.converged[0]) and abs(float(r.value[0]) - exact) <= 1e-6 * exact
+    with pytest.raises(ValueError, match="noise"):
+        top_eig(op, method="power", noise=-1.0)
