@@ -61,7 +61,7 @@ lint: setup
 	$(PY) -m ruff check sensitivity_lib tests benchmarks tools
 
 unit: setup
-	$(PY) -m pytest tests -m "not notebooks"
+	$(PY) -m pytest tests sensitivity_lib --doctest-modules -m "not notebooks"
 
 notebooks: setup
 	$(PY) -m pytest tests/test_notebooks.py -m notebooks

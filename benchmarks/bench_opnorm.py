@@ -87,11 +87,11 @@ def plain_power(conv, shape, target: float, cap: int) -> tuple[float, int]:
     v = v / v.norm()
     sigma = 0.0
     for k in range(1, cap + 1):
-        y = op.forward(v)
+        y = op.matvec(v)
         sigma = float(y.double().norm())
         if sigma >= target:
             return sigma, k
-        v = op.adjoint(y)
+        v = op.rmatvec(y)
         v = v / v.norm()
     return sigma, cap
 
@@ -106,12 +106,12 @@ def power_step_seconds(layers, repeats: int = 5) -> float:
     ops = [conv_operator(conv, shape, torch.float32) for _, conv, shape in layers]
     xs = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)) for _, _, shape in layers]
     for op, x in zip(ops, xs, strict=True):
-        op.adjoint(op.forward(x))
+        op.rmatvec(op.matvec(x))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         for op, x in zip(ops, xs, strict=True):
-            op.adjoint(op.forward(x))
+            op.rmatvec(op.matvec(x))
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 

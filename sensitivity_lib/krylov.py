@@ -35,18 +35,22 @@ Methods
 
 The stopping rule (the same for both methods and every caller)
     With ``theta_k`` the estimate after ``k`` applications of the operator (the top Ritz value, or
-    the Rayleigh quotient of the power iterate) and ``d_k = |theta_k - theta_{k-1}|``, rule 1
-    estimates the relative error of ``theta_k`` from the last six increments as a geometric tail,
+    the Rayleigh quotient of the power iterate), ``d_k = |theta_k - theta_{k-1}|`` and ``r_k`` the
+    residual ``||A v - theta_k v||`` of the Ritz pair (for Lanczos its estimate ``beta_k |s_k|``),
+    rule 1 estimates the relative error of ``theta_k`` as the smaller of the geometric tail of the
+    last six increments and the relative residual,
 
-    ``err_k = 4 max_i d_i * q / (1 - q) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
+    ``err_k = min(4 max_i d_i q / (1 - q), r_k) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
 
-    (``inf`` when the increments do not shrink; increments at the rounding level of the working
-    dtype, or below ``noise * theta_k`` for an operator applied inexactly, count as no progress).
-    A problem has converged when, after at least seven steps,
+    (the tail is ``inf`` when the increments do not shrink; increments at the rounding level of the
+    working dtype count as no progress; ``r_k`` bounds the distance to *some* eigenvalue). A problem
+    has converged when
 
-    1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j``, and the residual of the
-       Ritz pair is at most ``sqrt(tol) theta_k``; for the power iteration, also a short Lanczos
-       run (10 products) from its vector finds no Ritz value above ``theta_k (1 + tol / 2)``; or
+    1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j`` (for Lanczos at most
+       ``max_basis / 8``: a restart from one Ritz vector starts a new convergence, whose first
+       increments are large again), and the residual of the Ritz pair is at most
+       ``sqrt(tol) theta_k``; for the power iteration, also a short Lanczos run (10 products)
+       from its vector finds no Ritz value above ``theta_k (1 + tol / 2)``; or
     2. a certified ``upper`` bound is given and ``(upper - theta_k) / theta_k <= tol`` (a proof); or
     3. the Krylov space is invariant (the Lanczos ``beta_k`` at rounding level: the value is exact).
 
@@ -389,7 +393,8 @@ class SingularResult:
         As in :class:`EigResult` (the iteration runs on a Gram operator, so one iteration is one
         product with ``A`` and one with ``A^H``).
     residual
-        float64 ``(B,)``: ``||A^H A v - sigma^2 v|| / sigma^2``.
+        float64 ``(B,)``: the iteration's relative residual of its Gram eigenpair at the stop
+        (``||G u - theta u|| / theta``; for Lanczos its estimate ``beta_k |s_k| / theta``).
     error
         float64 ``(B,)``: the estimated relative error of ``sigma`` (half that of ``sigma^2``).
     history
@@ -483,18 +488,27 @@ def _tail_error(hist: list[Tensor], eps: float) -> Tensor:
     return torch.where(dmax > 0, err, torch.zeros_like(err)) / scale
 
 
-def _decide(hist, residual, tol, upper, invariant, eps, check=None) -> tuple[Tensor, Tensor]:
-    """(done, error) for every problem from the three rules of the module docstring; ``check`` is
-    the power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of
-    it)."""
-    theta = hist[-1]
+def _step_error(hist: list[Tensor], rhist: list[Tensor], eps: float) -> Tensor:
+    """Rule 1's estimate at the latest step: the geometric tail of the increments, or the relative
+    residual of the Ritz pair when that is smaller (``|theta - lambda| <= r`` for some eigenvalue)."""
+    return torch.minimum(_tail_error(hist, eps), rhist[-1])
+
+
+def _decide(hist, rhist, tol, upper, invariant, eps, check=None, basis=None) -> tuple[Tensor, Tensor]:
+    """(done, error) for every problem from the three rules of the module docstring. ``hist`` and
+    ``rhist`` hold the values and the relative residuals of the Ritz pairs so far; ``check`` is the
+    power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of it)."""
+    theta, rel = hist[-1], rhist[-1]
     scale = theta.abs().clamp_min(1e-300)
-    error = _tail_error(hist, eps)
-    for back in range(1, math.ceil(_PERSIST * len(hist))):  # it must have held for a while too
-        error = torch.maximum(error, _tail_error(hist[:-back], eps) if len(hist) > back else error)
+    error = _step_error(hist, rhist, eps)
+    # it must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
+    # from a single Ritz vector starts a new convergence, whose first increments are large again)
+    span = math.ceil(_PERSIST * (len(hist) if basis is None else min(len(hist), basis)))
+    for back in range(1, min(span, len(hist))):
+        error = torch.maximum(error, _step_error(hist[:-back], rhist[:-back], eps))
     if check is not None:
         error = torch.maximum(error, 2 * (check - theta).clamp_min(0) / scale)
-    done = (error <= tol) & (residual <= math.sqrt(tol) * scale)
+    done = (error <= tol) & (rel <= math.sqrt(tol))
     if upper is not None:
         gap = (upper - theta) / scale
         certified = gap <= tol
@@ -532,15 +546,17 @@ class _Batch:
         self.active = torch.arange(B)
         self.error = torch.full((B,), math.inf, dtype=torch.float64)
         self.iterations = torch.zeros(B, dtype=torch.int64)
+        self.residual = torch.full((B,), math.inf, dtype=torch.float64)
         self.converged = torch.zeros(B, dtype=torch.bool)
         self.vector = torch.zeros(B, op.n_in, dtype=op.dtype, device=op.device)
         self.history: list[Tensor] = []
 
-    def record(self, theta: Tensor, steps: int) -> None:
+    def record(self, theta: Tensor, rel_residual: Tensor, steps: int) -> None:
         row = torch.full((self.error.numel(),), math.nan, dtype=torch.float64)
         row[self.active] = theta.cpu()
         self.history.append(row)
         self.iterations[self.active] = steps
+        self.residual[self.active] = rel_residual.cpu()
 
     def decide(self, done: Tensor, error: Tensor) -> Tensor:
         """Merge this step's decisions with earlier ones; returns the active problems' flags."""
@@ -571,16 +587,16 @@ class _Batch:
 # power iteration
 
 
-def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None,
-           noise: float = 0.0):  # fmt: skip
+def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None):
     state = _Batch(op)
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
     hist: list[Tensor] = []  # per active problem, re-indexed when the batch shrinks
+    rhist: list[Tensor] = []  # relative residuals, likewise
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
-    eps = max(torch.finfo(q.dtype).eps, noise / _NOISE)  # the floor below which increments are noise
+    eps = torch.finfo(q.dtype).eps
     steps = 0
     while True:
         w = _apply_flat(state.op, q)
@@ -588,21 +604,22 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
         theta = _dot(q, w).cpu()
         res = torch.linalg.vector_norm(_wide(w - theta[:, None].to(w) * q), dim=1).cpu()
         hist.append(theta)
+        rhist.append(res / theta.abs().clamp_min(1e-300))
         q_new, wn = _normalise(w)
         invariant = (wn <= 0).cpu()  # A v = 0: the top eigenvalue seen from v is 0
         # where the rules would stop with the best Ritz value known so far, verify first (once per
         # level of theta): a short Lanczos run from the power vector; a Ritz value well above theta
         # means the iteration sits inside a cluster of near-equal top eigenvalues it has not resolved
         optimistic = torch.where(known > 0, known, theta)
-        would, _ = _decide(hist, res, tol, upper, invariant, eps, optimistic)
+        would, _ = _decide(hist, rhist, tol, upper, invariant, eps, optimistic)
         need = would & ~invariant & (theta > verified_at)
         if bool(need.any()) and steps + _VERIFY_STEPS <= max_iter:
             known = torch.maximum(known, _verify(state.op, q, need))
             verified_at = torch.where(need, theta, verified_at)
             steps += _VERIFY_STEPS
-        state.record(theta, steps)
+        state.record(theta, rhist[-1], steps)
         check = torch.where(verified_at > 0, known, torch.full_like(theta, math.inf))
-        done = state.decide(*_decide(hist, res, tol, upper, invariant, eps, check))
+        done = state.decide(*_decide(hist, rhist, tol, upper, invariant, eps, check))
         if bool(done.all()) or steps >= max_iter:
             state.store(torch.arange(len(q)), q)
             return state, 0
@@ -611,6 +628,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
             if keep is not None:
                 q_new, invariant, q = q_new[keep], invariant[keep], q[keep]
                 hist, known, verified_at = [h[keep] for h in hist], known[keep], verified_at[keep]
+                rhist = [r[keep] for r in rhist]
                 upper = None if upper is None else upper[keep]
         q = torch.where(invariant[:, None].to(q.device), q, q_new)
 
@@ -678,7 +696,7 @@ def _tridiagonal_top(alpha: Tensor, beta: Tensor, k: int) -> tuple[Tensor, Tenso
     return evals[:, -1], evecs[:, :, -1]
 
 
-def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
+def _lanczos(op, x, tol, max_iter, max_basis, upper):
     state = _Batch(op)
     nb, n = x.shape
     m = max_basis or _default_basis(n, x.element_size(), nb, max_iter)
@@ -688,6 +706,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
     hist: list[Tensor] = []
+    rhist: list[Tensor] = []
     up = upper
     steps = 0
     anorm = 0.0  # running estimate of ||A|| (the largest |alpha_j| + beta_j seen)
@@ -744,23 +763,29 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             ritz_res = wn * s[:, -1].abs()
             if j > 0 or not hist:  # a restart's first value repeats the last one: not a new step
                 hist.append(theta)
-            state.record(theta, steps)
+                rhist.append(ritz_res / theta.abs().clamp_min(1e-300))
+            state.record(theta, ritz_res / theta.abs().clamp_min(1e-300), steps)
             invariant = wn <= 10 * eps * alpha[:, :k].abs().amax(1).clamp_min(1e-300)
-            done = state.decide(*_decide(hist, ritz_res, tol, up, invariant, max(eps, noise / _NOISE)))
+            if k >= n:  # the basis spans the whole space (without restarts): T holds the spectrum
+                invariant = invariant | (steps == k)
+            done = state.decide(*_decide(hist, rhist, tol, up, invariant, eps, basis=m))
             stop = bool(done.all()) or steps >= max_iter
-            some = bool(done.any()) and not stop and state.op.restrictable
-            if stop or some or j == m - 1:
+            if stop or j == m - 1:
                 ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
                 if stop:
                     state.store(torch.arange(ritz.shape[0]), ritz)
                     return state, reorths
                 q = ritz  # explicit restart from the Ritz vector
-                if some:  # the problems still running restart without the converged ones
-                    keep = state.retire(done, ritz)
-                    hist = [h[keep] for h in hist]
-                    up = None if up is None else up[keep]
-                    q = ritz[keep]
                 break
+            if bool(done.any()) and state.op.restrictable:
+                # converged problems leave the batch; the others go on with their Krylov bases
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
+                keep = state.retire(done, ritz)
+                Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
+                omega, omega_prev = omega[keep], omega_prev[keep]
+                w, wn, invariant = w[keep], wn[keep], invariant[keep]
+                hist, rhist = [h[keep] for h in hist], [r[keep] for r in rhist]
+                up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
             torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
@@ -771,13 +796,11 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
 # public entry points
 
 
-def _run(op, x, method, tol, max_iter, max_basis, upper, noise=0.0):
-    if not (noise >= 0) or not math.isfinite(noise):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+def _run(op, x, method, tol, max_iter, max_basis, upper):
     up = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(op.batch)
     if method == "lanczos":
-        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone(), noise)
-    return _power(op, x, tol, int(max_iter), None if up is None else up.clone(), noise)
+        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone())
+    return _power(op, x, tol, int(max_iter), None if up is None else up.clone())
 
 
 def _rayleigh(op: LinearOperator, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -799,7 +822,6 @@ def top_eig(
     upper: float | Tensor | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
-    noise: float = 0.0,
 ) -> EigResult:
     """Largest eigenvalue of each of a batch of self-adjoint operators (matrix-free).
 
@@ -826,10 +848,6 @@ def top_eig(
         For the random start.
     warn
         Warn with :class:`NotConvergedWarning` when a problem stops at ``max_iter`` unconverged.
-    noise
-        The relative accuracy of the operator's products when they are inexact (e.g. each one
-        contains an iterative solve to a tolerance): increments of the estimate below
-        ``noise * |theta|`` count as no progress, as rounding does. Default 0 (exact products).
 
     Returns
     -------
@@ -841,7 +859,7 @@ def top_eig(
     if op.in_shape != op.out_shape:
         raise ValueError(f"top_eig needs a square operator, got {op.in_shape} -> {op.out_shape}")
     x = _start(op, v0, generator)
-    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper, noise)
+    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper)
     vec = state.vector
     lam, res = _rayleigh(op, vec)
     if warn:
@@ -866,13 +884,14 @@ def top_singular(
     check: LinearOperator | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
-    noise: float = 0.0,
 ) -> SingularResult:
     """Largest singular value of each of a batch of linear maps (matrix-free).
 
     Runs :func:`top_eig` on the Gram operator of the smaller side and evaluates
-    ``sigma = ||A v|| / ||v||`` for the final right vector ``v``: the norm of ``A`` on one unit
-    vector, hence never above ``sigma_max`` (up to the rounding of that evaluation).
+    ``sigma = ||A v||`` for the final unit right vector ``v`` (``sigma = ||A^H u||`` for the unit left
+    vector ``u`` when iterating on ``A A^H``): the norm of ``A`` on one unit vector, hence never
+    above ``sigma_max`` (up to the rounding of that evaluation). One product with ``A`` (or ``A^H``)
+    beyond the iteration.
 
     Parameters
     ----------
@@ -881,7 +900,7 @@ def top_singular(
     v0
         Starting vectors in the space iterated on (``in_shape`` for ``side="input"``,
         ``out_shape`` for ``"output"``), or ``None`` for Gaussian ones.
-    method, tol, max_iter, max_basis, generator, warn, noise
+    method, tol, max_iter, max_basis, generator, warn
         As in :func:`top_eig`; ``tol`` is the relative accuracy of ``sigma`` (the eigen-iteration
         on the Gram operator runs with ``2 tol``).
     upper
@@ -890,8 +909,8 @@ def top_singular(
         ``"input"`` (``A^H A``), ``"output"`` (``A A^H``) or ``"auto"``: the smaller space (the
         output space on a tie).
     check
-        Optional operator for the final evaluation of ``sigma``, the vectors and the residual
-        (e.g. the same map in float64 while the iterations run in float32).
+        Optional operator for the final evaluation of ``sigma`` and the vectors (e.g. the same map
+        in float64 while the iterations run in float32).
 
     Returns
     -------
@@ -905,30 +924,27 @@ def top_singular(
     gram = op.gram(side)
     x = _start(gram, v0, generator)
     up2 = None if upper is None else torch.as_tensor(upper, dtype=torch.float64) ** 2
-    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2, noise)
-    final = check if check is not None else op
+    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2)
     vec = state.vector.reshape(op.batch, -1)
-    if side == "output":  # v = A^H u / ||A^H u||
-        vec = op.apply_adjoint(vec.reshape(op.batch, *op.out_shape).to(op.dtype)).reshape(op.batch, -1)
-    v = vec.to(final.dtype)
-    v, vn = _normalise(v)
-    av = final.apply(v.reshape(op.batch, *op.in_shape))
-    avf = av.reshape(op.batch, -1)
-    sigma = torch.linalg.vector_norm(avf, dim=1).double()
-    s2 = sigma**2
-    if final.rmatvec is not None:
-        ahav = _wide(final.apply_adjoint(av).reshape(op.batch, -1))
-    else:  # only sigma is evaluated accurately: the residual uses the iteration's adjoint
-        ahav = _wide(op.apply_adjoint(av.to(op.dtype)).reshape(op.batch, -1))
-    diff = ahav - s2[:, None].to(ahav.dtype) * _wide(v)
-    res = torch.linalg.vector_norm(diff, dim=1) / s2.clamp_min(1e-300)
-    left = avf / sigma.clamp_min(1e-300)[:, None].to(avf.dtype)
+    if side == "input":  # sigma = ||A v||, with the more accurate operator when one is given
+        final = check if check is not None else op
+        v, _ = _normalise(vec.to(final.dtype))
+        av = final.apply(v.reshape(op.batch, *op.in_shape)).reshape(op.batch, -1)
+        sigma = torch.linalg.vector_norm(av, dim=1).double()
+        left = av / sigma.clamp_min(1e-300)[:, None].to(av.dtype)
+    else:  # sigma = ||A^H u||, and v = A^H u / sigma
+        final = check if check is not None and check.rmatvec is not None else op
+        u, _ = _normalise(vec.to(final.dtype))
+        ahu = final.apply_adjoint(u.reshape(op.batch, *op.out_shape)).reshape(op.batch, -1)
+        sigma = torch.linalg.vector_norm(ahu, dim=1).double()
+        v, left = ahu / sigma.clamp_min(1e-300)[:, None].to(ahu.dtype), u
+    res = state.residual
     hist = torch.stack(state.history).clamp_min(0).sqrt()
     if warn:
         _warn(method, state.converged, state.error / 2, tol, max_iter, "singular values")
     return SingularResult(
         value=sigma.cpu(), right=v.reshape(op.batch, *op.in_shape),
-        left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res.cpu(),
+        left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res,
         error=state.error / 2, converged=state.converged, history=hist, method=method, tol=tol,
         side=side, reorthogonalised=reorths,
     )  # fmt: skip

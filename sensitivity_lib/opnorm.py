@@ -1069,14 +1069,9 @@ def operator_norm(
         est = _iterative(layer, op, method, tol, max_iter, generator, dtype, init, upper)
     extra = {"input_shape": op.in_shape, "output_shape": op.out_shape, **est.extra}
     return Estimate(
-        est.value,
-        est.kind,
-        est.method,
-        norm="2",
-        iterations=est.iterations,
-        residual=est.residual,
-        extra=extra,
-    )
+        est.value, est.kind, est.method, norm="2", iterations=est.iterations, residual=est.residual,
+        converged=est.converged, extra=extra,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ models, and torch's own float16 / bfloat16 rounding.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from helpers import dense_jacobians, dense_layer_norm, probs, random_nets, top_sv
@@ -250,19 +248,6 @@ def test_errors_are_clear():
         C.masked_product_condition(Branchy(), torch.rand(2, 3))
 
 
-def test_operator_norm_is_reexported():
-    from sensitivity_lib.opnorm import operator_norm
-
-    assert C.operator_norm is operator_norm
-    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
-    assert C.operator_norm(conv, (1, 5, 5), "fft").is_certified_upper
-    assert math.isfinite(C.operator_norm(conv, (1, 5, 5), "dense").value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Perturbation experiments
-
-
 def test_right_vector_and_amplifications():
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4)).double().eval()
@@ -325,6 +310,29 @@ def test_kink_fractions_count_ties_and_kinks():
     # relu inputs exactly at 0: 4 of 16; windows with a tied maximum: the first (0, 0, 0, relu(-1)=0)
     # and the second (1, 2, 3, 3) -> 2 of 4
     assert float(k["0"][0]) == pytest.approx(4 / 16) and float(k["1"][0]) == pytest.approx(2 / 4)
+
+
+def test_kink_fractions_skip_windows_that_are_locally_constant():
+    # ReLU then 2x2 max-pool, windows counted by hand:
+    #   [-3, -2, -1, -5]: ReLU zeroes all four and each is strictly negative: a tie of constants, so the
+    #                     maximum is locally constant (derivative 0): NOT a kink;
+    #   [ 2,  2,  1, -1]: the maximum 2 is attained twice by entries that move with the input: a kink;
+    #   [-1,  4,  3,  0]: a unique maximum: smooth (the 0 is a ReLU kink, counted for the ReLU);
+    #   [-4, -4,  0, -2]: zeros, one of them exactly at the ReLU's kink (not constant on one side): a kink.
+    net = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2, 2)).double().eval()
+    x = torch.tensor(
+        [[[[-3.0, -2.0, 2.0, 2.0], [-1.0, -5.0, 1.0, -1.0], [-1.0, 4.0, -4.0, -4.0], [3.0, 0.0, 0.0, -2.0]]]],
+        dtype=torch.float64,
+    )
+    k = C.kink_fractions(net, x)
+    assert float(k["1"][0]) == pytest.approx(2 / 4)
+    assert float(k["0"][0]) == pytest.approx(2 / 16)  # the two inputs exactly at 0
+    # a pool that reads a convolution directly has no flat entries: every tie counts
+    conv = nn.Conv2d(1, 1, 1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    direct = C.kink_fractions(nn.Sequential(conv, nn.MaxPool2d(2, 2)).eval(), x)
+    assert float(direct["1"][0]) == pytest.approx(1 / 4)  # only [2, 2, 1, -1] ties without the ReLU
 
 
 def test_layerwise_condition_telescopes_to_e1():

@@ -15,14 +15,14 @@ import math
 
 import pytest
 import torch
+from helpers import dense_norm
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers import dense_norm
 from sensitivity_lib.opnorm import (
-    find_layers,
     conv_operator,
+    find_layers,
     layer_norms,
     multiscale_start,
     operator_norm,
@@ -95,6 +95,47 @@ def test_every_method_is_on_its_side_of_the_dense_value(cfg):
         assert rs.value <= exact * (1 + 1e-9)
 
 
+def test_converged_iterative_norms_are_within_tol_of_the_dense_svd():
+    """Honest convergence (the core issue's first correction): with the default ``tol=1e-3``, the
+    power iteration had returned 1.48309 for a random Conv2d(3, 8, 3, padding=1) on 3x16x16 inputs,
+    1.4% below the SVD of the dense matrix (1.50350), and reported itself converged. Now every value
+    of an iterative method that says it converged is within its tolerance of the dense SVD, on that
+    layer and on random convolutions with strides 1-4, dilation, groups and padding; values that
+    are not converged say so, and most do converge."""
+    import warnings
+
+    from sensitivity_lib.krylov import NotConvergedWarning
+
+    g = torch.Generator().manual_seed(2024)
+    cases = []
+    torch.manual_seed(0)
+    cases.append((nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16)))
+    for i in range(24):
+        def draw(a, b):
+            return int(torch.randint(a, b, (1,), generator=g))
+
+        gr = [1, 1, 2, 3][draw(0, 4)]
+        ci, co = gr * draw(1, 4), gr * draw(1, 4)
+        k, s, d = draw(1, 6), draw(1, 5), draw(1, 3)
+        p = draw(0, d * (k - 1) + 1)
+        H = draw(max(8, d * (k - 1) + 1), 17)
+        torch.manual_seed(100 + i)
+        cases.append((nn.Conv2d(ci, co, k, stride=s, padding=p, dilation=d, groups=gr), (ci, H, H)))
+    runs = converged = 0
+    for conv, shape in cases:
+        exact = _dense(conv, shape)
+        for method in ("power", "lanczos"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotConvergedWarning)
+                r = operator_norm(conv, shape, method, init="random")
+            assert r.kind == "lower" and r.value <= exact * (1 + 1e-9)
+            runs += 1
+            if r.converged:
+                converged += 1
+                assert (exact - r.value) / exact <= 1e-3, (conv, shape, method, r.value, exact)
+    assert converged >= 0.8 * runs
+
+
 @settings(max_examples=15, deadline=None)
 @given(cfg=conv_configs(max_hw=8))
 def test_power_iteration_is_never_above(cfg):
@@ -129,7 +170,7 @@ def large_input_configs(draw):
 def test_fft_bound_is_tight_when_the_input_is_large(cfg):
     conv, shape = _build(cfg)
     ext = cfg["d"] * (cfg["k"][0] - 1) + 1
-    _, Ho, Wo = conv_operator(conv, shape).output_shape
+    _, Ho, Wo = conv_operator(conv, shape).out_shape
     s = cfg["s"][0]
     assert min(cfg["H"], cfg["W"], s * Ho, s * Wo) >= 5 * ext  # the stated regime
     exact = _dense(conv, shape)
@@ -208,7 +249,7 @@ def test_operator_matches_the_layer_and_its_adjoint():
         conv = nn.Conv2d(4, 6, **args).double()
         op = conv_operator(conv, (4, 9, 10))
         x = torch.randn(3, 4, 9, 10, generator=g, dtype=torch.float64)
-        y = torch.randn(3, *op.output_shape, generator=g, dtype=torch.float64)
+        y = torch.randn(3, *op.out_shape, generator=g, dtype=torch.float64)
         ref = conv(x) - conv.bias[:, None, None]
         assert torch.allclose(op.matvec(x), ref, atol=1e-12), kwargs
         assert op.rmatvec(y).shape == x.shape, kwargs
@@ -386,7 +427,7 @@ def test_layer_norms_pins_every_layer_of_a_network_between_dense_values():
     found = find_layers(net, (2, 10, 10), (nn.Conv2d, nn.Linear))
     assert [(n, s) for n, _, s in found] == [("0", (2, 10, 10)), ("2", (4, 10, 10)),
                                              ("4", (3, 5, 5)), ("6", (75,))]  # fmt: skip
-    rows = layer_norms(net, (2, 10, 10), tol=1e-6, linear=True)
+    rows = layer_norms(net, (2, 10, 10), tol=1e-6, types=(nn.Conv2d, nn.Linear))
     assert [r.name for r in rows] == ["0", "2", "4", "6"]
     for r, (_, layer, shape) in zip(rows, found, strict=True):
         exact = operator_norm(layer, shape, "dense").value

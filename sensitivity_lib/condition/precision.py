@@ -1,4 +1,4 @@
-"""Rounding, and the input bit-width a condition number predicts (the digest's section 4.3).
+"""Rounding, and the input bit-width a condition number predicts.
 
 Paper: Maheshwari et al. (arXiv:2307.12679) and the thesis behind it, whose stated aim is "to determine
 minimal bit-width precision that may be used to safely represent the network" (quoted). The bit

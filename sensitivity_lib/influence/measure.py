@@ -55,6 +55,7 @@ torch.Size([4, 1, 4, 4])
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -314,7 +315,9 @@ def _grad_norm_from_gram(M: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mode
 
 
 def _check_x(x: torch.Tensor, wrt: str) -> None:
-    check_batch(x, ndim=4 if wrt == "pixels" else None)
+    check_batch(x)
+    if wrt == "pixels" and x.dim() != 4:
+        raise ValueError(f"wrt='pixels' needs images (N, Ch, H, W), got shape {tuple(x.shape)}")
 
 
 def _labels(y: Any, n: int, z: torch.Tensor) -> torch.Tensor:
@@ -334,48 +337,71 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 # --------------------------------------------------------------------------------------------
 
 
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _inference_copy(model: nn.Module) -> nn.Module:
-    """``model`` with each batch norm folded into the convolution before it (eval mode only).
+def _cached_copy(model: nn.Module, kind: str, dtype: torch.dtype, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()``, cached per model, ``kind`` and dtype while the model's tensors are unchanged (any
+    in-place update, e.g. a training step, or a change of mode invalidates it)."""
+    key = fingerprint(model)
+    store = _COPIES.setdefault(model, {})
+    hit = store.get((kind, dtype))
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, make().eval())
+        store[(kind, dtype)] = hit
+    return hit[1]
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself when its parameters already are ``dtype``, else a cached copy in ``dtype``
+    (same module names, so per-layer results keep the model's names)."""
+    if _model_dtype(model) == dtype:
+        return model
+    return _cached_copy(model, "cast", dtype, lambda: copy.deepcopy(model).to(dtype))
+
+
+def _inference_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``model`` in ``dtype`` with each batch norm folded into the convolution before it (eval mode).
 
     Input Jacobians of the folded copy equal the model's up to rounding (the map is the same
     affine composition), and a backward pass through it skips every batch-norm node: about 1.5x
     faster for the book's ResNets. Uses :func:`torch.fx.experimental.optimization.fuse`; a model
-    that torch.fx cannot trace, or one without batch norm, is returned as it is. The copy is
-    cached while the model's tensors are unchanged (any in-place update, e.g. a training step,
-    invalidates it).
+    that torch.fx cannot trace, or one without batch norm, is only cast. Cached (see
+    :func:`_cached_copy`).
     """
-    if model.training or not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    ):
-        return model
-    key = fingerprint(model)
-    hit = _FUSED.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    try:
-        from torch.fx.experimental.optimization import fuse
+    dtype = dtype or _model_dtype(model)
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return _in_dtype(model, dtype)
 
-        with torch.no_grad():
-            fused = fuse(model).eval()
-    except Exception:  # noqa: BLE001 - not traceable: fall back to the model itself
-        fused = model
-    _FUSED[model] = (key, fused)
-    return fused
+    def make() -> nn.Module:
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            return fuse(_in_dtype(model, dtype))  # folded in dtype (fuse copies the model)
+        except Exception:  # noqa: BLE001 - not traceable: the cast copy alone
+            return _in_dtype(model, dtype)
+
+    return _cached_copy(model, "fused", dtype, make)
 
 
-def _input_jacobian(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(B, C)`` and ``J[b, k] = d z_k(x_b) / d x_b``, ``(B, C, *x.shape[1:])``.
+def _input_jacobian(
+    model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, C)`` and ``J[b, k] = d z_k(x_b) / d x_b``, ``(B, C, *x.shape[1:])``, in ``dtype``
+    (default: the model's).
 
     In eval mode the images do not interact, so the gradient of ``sum_b z_k(x_b)`` holds every
     image's row ``k``: C backward passes (input gradients only) serve the whole batch. (A single
     ``is_grads_batched`` pass gives the same numbers but was 1.4-3x slower on CPU.) Batch norms
     are folded into their convolutions first (:func:`_inference_copy`).
     """
-    model = _inference_copy(model)
-    xg = x.detach().requires_grad_(True)
+    model = _inference_copy(model, dtype)
+    xg = x.detach().to(dtype or x.dtype).requires_grad_(True)
     with torch.enable_grad():
         z = model(xg)
         if z.dim() != 2 or z.shape[0] != x.shape[0]:
@@ -609,6 +635,7 @@ def logit_grams(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     input_scale: float | torch.Tensor = 1.0,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, Any]:
     """Logits and C x C Grams ``J_z J_z^T`` of the logit Jacobian for each perturbation block.
 
@@ -634,6 +661,10 @@ def logit_grams(
     input_scale
         For input and pixels: ``omega = input_scale * x`` (a number, or a tensor that broadcasts
         against one image, for per-coordinate units); the Jacobian is divided by it.
+    dtype
+        The precision in which the network is differentiated (default float64: a float64 copy of
+        the model, cached). In float32 the round-off of a deep network's input gradients can reach
+        percents (2% on the ResNet-50 of Part II), which swamps small FI values.
 
     Returns
     -------
@@ -652,7 +683,7 @@ def logit_grams(
         bs = batch_size or _map_batch(_n_classes(model, x[:1]), x[0].numel(), wrt == "pixels")
         parts = []
         for sl in _chunks(N, bs):
-            z, J = _input_jacobian(model, x[sl])
+            z, J = _input_jacobian(model, x[sl], dtype)
             J = J.to(torch.float64) / _on(input_scale, J)
             zs.append(z)
             if wrt == "input":
@@ -674,11 +705,14 @@ def logit_grams(
             )
     bs = batch_size or 8
     acc: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in mods}
+    work = _in_dtype(model, dtype)
+    mods_w = _param_modules(work)  # the same names, in the working dtype
     for sl in _chunks(N, bs):
+        xs = x[sl].to(dtype)
         if use_hooks:
-            z, g = _hooks_grams(model, x[sl], mods)
+            z, g = _hooks_grams(work, xs, mods_w)
         else:
-            z, g = _functorch_grams(model, x[sl], mods, chunk_size)
+            z, g = _functorch_grams(work, xs, mods_w, chunk_size)
         zs.append(z)
         for n in acc:
             acc[n].append(g[n])
@@ -731,7 +765,7 @@ def _default_scale(mode: str, wrt: str) -> float:
 
 def _settings(mode: Any, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
     known = {"eps", "rtol", "atol", "input_scale", "patch", "batch_size", "method", "chunk_size",
-             "return_eigvals"}
+             "return_eigvals", "dtype"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -759,9 +793,12 @@ def _settings(mode: Any, wrt: str, options: dict[str, Any]) -> dict[str, Any]:
     patch = options.get("patch", 0)
     if wrt != "pixels" and "patch" in options:
         raise ValueError("patch=s applies to wrt='pixels' only")
+    dtype = options.get("dtype", torch.float64)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
     return dict(modes=modes, eps=eps, rtol=rtol, atol=atol, input_scale=scale, patch=patch,
                 batch_size=options.get("batch_size"), method=options.get("method", "auto"),
-                chunk_size=options.get("chunk_size"),
+                chunk_size=options.get("chunk_size"), dtype=dtype,
                 return_eigvals=bool(options.get("return_eigvals", False)))
 
 
@@ -800,8 +837,9 @@ def fi(
         ``input_scale`` (omega = input_scale * x, a number or a tensor broadcasting against one
         image for per-coordinate units; default 255 in sa_dnn mode for images, else 1),
         ``patch`` (int s >= 0 for ``wrt="pixels"``), ``batch_size``, ``method`` and
-        ``chunk_size`` (see :func:`logit_grams`), ``return_eigvals`` (store the eigenvalues of
-        the C x C Gram in ``extra["eigvals"]``).
+        ``chunk_size`` (see :func:`logit_grams`), ``dtype`` (the precision of the Jacobians,
+        default ``torch.float64``; see :func:`logit_grams`), ``return_eigvals`` (store the
+        eigenvalues of the C x C Gram in ``extra["eigvals"]``).
 
     Returns
     -------
@@ -827,8 +865,8 @@ def fi(
         return res if not isinstance(mode, str) else res[mode]
     user_scale = st["input_scale"]
     z, grams = logit_grams(
-        model, x, wrt, method=st["method"], batch_size=st["batch_size"],
-        chunk_size=st["chunk_size"], input_scale=1.0 if user_scale is None else user_scale,
+        model, x, wrt, method=st["method"], batch_size=st["batch_size"], chunk_size=st["chunk_size"],
+        input_scale=1.0 if user_scale is None else user_scale, dtype=st["dtype"],
     )  # fmt: skip
     p = torch.softmax(z.to(torch.float64), -1)
     C = p.shape[-1]
@@ -866,7 +904,7 @@ def fi(
 
 
 def _map_opts(st: dict[str, Any]) -> dict[str, Any]:
-    out = {k: st[k] for k in ("eps", "rtol", "atol", "batch_size", "return_eigvals")}
+    out = {k: st[k] for k in ("eps", "rtol", "atol", "batch_size", "return_eigvals", "dtype")}
     if st["input_scale"] is not None:
         out["input_scale"] = st["input_scale"]
     return out
@@ -894,8 +932,9 @@ def fi_maps(
     The per-pixel C x C Grams are computed once and box-filtered into (2s+1)^2 patch Grams
     (Grams add over disjoint blocks; zero padding cuts the patches at the border as SA_DNN does),
     then one batched ``eigh`` per scale. Options as in :func:`fi` (``eps``, ``rtol``, ``atol``,
-    ``input_scale``, ``batch_size``, ``return_eigvals``); the default batch is as in
-    :func:`logit_grams`.
+    ``input_scale``, ``batch_size``, ``dtype``, ``return_eigvals``); the default batch is as in
+    :func:`logit_grams`. The Jacobian is computed in float64 by default: the maps then agree with
+    the authors' per-image loop run in float64 (:func:`reference_loop`) to about 1e-10.
 
     Returns
     -------
@@ -923,7 +962,7 @@ def fi_maps(
     zs, ys = [], []
     bs = st["batch_size"] or _map_batch(_n_classes(model, x[:1]), x[0].numel(), need_gram)
     for sl in _chunks(N, bs):
-        z, J = _input_jacobian(model, x[sl])
+        z, J = _input_jacobian(model, x[sl], st["dtype"])
         if J.shape[1] < 2:
             raise ValueError("the model must have at least 2 classes")
         zs.append(z)
@@ -1005,10 +1044,10 @@ def fi_direction(
                          f"got {tuple(v.shape)}")
     vs = v if v.dim() == x.dim() + 1 else v[None]
     K, N = vs.shape[0], x.shape[0]
-    x = x.detach()
+    model, x = _in_dtype(model, torch.float64), x.detach().to(torch.float64)  # see logit_grams
     with torch.no_grad():
         z = model(x)
-    p = torch.softmax(z.to(torch.float64), -1)
+    p = torch.softmax(z, -1)
     yl = _labels(y, N, z)
     c = F.one_hot(yl, p.shape[-1]).to(p) - p  # d log p_y / d z
     flat = vs.detach().to(x.dtype).reshape(K * N, *x.shape[1:])
@@ -1067,7 +1106,12 @@ def svd_chain_reference(
 
 
 def reference_loop(
-    model: nn.Module, x: torch.Tensor, wrt: str = "input", eps: float = SA_DNN_EPS
+    model: nn.Module,
+    x: torch.Tensor,
+    wrt: str = "input",
+    eps: float = SA_DNN_EPS,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """The authors' computation, ported literally: the baseline for checks and benchmarks.
 
@@ -1076,6 +1120,9 @@ def reference_loop(
     :func:`svd_chain_reference` on the ``dim(omega) x C`` matrix: once for the image
     (``"input"``, omega on the 0-255 scale), once per channel-pixel (``"pixels"``, s = 0), or once
     per trainable module (``"layers"``). Labels are the predicted ones. Slow by design.
+    ``dtype``: the precision of the forward and backward passes (default: the model's, as the
+    authors' float32 Keras code; pass ``torch.float64`` for a reference that round-off does not
+    swamp).
 
     Returns
     -------
@@ -1087,6 +1134,8 @@ def reference_loop(
         raise ValueError(f"wrt must be 'input', 'pixels' or 'layers', got {wrt!r}")
     check_eval(model)
     _check_x(x, wrt)
+    if dtype is not None:
+        model, x = _in_dtype(model, dtype), x.to(dtype)
     mods = _param_modules(model)
     params = [p for _, m, own in mods for p in (getattr(m, q) for q in own)]
     out = []
