@@ -43,8 +43,9 @@ The stopping rule (the same for both methods and every caller)
     ``err_k = 4 max_i d_i q / (1 - q) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
 
     (``inf`` when the increments do not shrink; increments at the rounding level of the working
-    dtype count as no progress). The residual ``r_k`` bounds the distance to *some* eigenvalue, not
-    to the largest, so it serves only as a guard. A problem has converged when
+    dtype, or below ``noise * theta_k`` for an operator applied inexactly, count as no progress).
+    The residual ``r_k`` bounds the distance to *some* eigenvalue, not to the largest, so it serves
+    only as a guard. A problem has converged when
 
     1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j`` (for Lanczos at most
        ``max_basis / 8``: a restart from one Ritz vector starts a new convergence, whose first
@@ -583,7 +584,8 @@ class _Batch:
 # power iteration
 
 
-def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None):
+def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None,
+           noise: float = 0.0):  # fmt: skip
     state = _Batch(op)
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
@@ -592,7 +594,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
     rhist: list[Tensor] = []  # relative residuals, likewise
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
-    eps = torch.finfo(q.dtype).eps
+    eps = max(torch.finfo(q.dtype).eps, noise / _NOISE)  # increments below _NOISE * eps: no progress
     steps = 0
     while True:
         w = _apply_flat(state.op, q)
@@ -692,7 +694,7 @@ def _tridiagonal_top(alpha: Tensor, beta: Tensor, k: int) -> tuple[Tensor, Tenso
     return evals[:, -1], evecs[:, :, -1]
 
 
-def _lanczos(op, x, tol, max_iter, max_basis, upper):
+def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     state = _Batch(op)
     nb, n = x.shape
     m = max_basis or _default_basis(n, x.element_size(), nb, max_iter)
@@ -764,7 +766,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
             invariant = wn <= 10 * eps * alpha[:, :k].abs().amax(1).clamp_min(1e-300)
             if k >= n:  # the basis spans the whole space (without restarts): T holds the spectrum
                 invariant = invariant | (steps == k)
-            done = state.decide(*_decide(hist, rhist, tol, up, invariant, eps, basis=m))
+            done = state.decide(*_decide(hist, rhist, tol, up, invariant, max(eps, noise / _NOISE), basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
                 ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
@@ -792,11 +794,13 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
 # public entry points
 
 
-def _run(op, x, method, tol, max_iter, max_basis, upper):
+def _run(op, x, method, tol, max_iter, max_basis, upper, noise=0.0):
+    if not (noise >= 0) or not math.isfinite(noise):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
     up = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(op.batch)
     if method == "lanczos":
-        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone())
-    return _power(op, x, tol, int(max_iter), None if up is None else up.clone())
+        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone(), noise)
+    return _power(op, x, tol, int(max_iter), None if up is None else up.clone(), noise)
 
 
 def _rayleigh(op: LinearOperator, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -818,6 +822,7 @@ def top_eig(
     upper: float | Tensor | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    noise: float = 0.0,
 ) -> EigResult:
     """Largest eigenvalue of each of a batch of self-adjoint operators (matrix-free).
 
@@ -844,6 +849,10 @@ def top_eig(
         For the random start.
     warn
         Warn with :class:`NotConvergedWarning` when a problem stops at ``max_iter`` unconverged.
+    noise
+        The relative accuracy of the operator's products when they are inexact (e.g. each one
+        contains an iterative solve to a tolerance): increments of the estimate below
+        ``noise * |theta|`` count as no progress, as rounding does. Default 0 (exact products).
 
     Returns
     -------
@@ -855,7 +864,7 @@ def top_eig(
     if op.in_shape != op.out_shape:
         raise ValueError(f"top_eig needs a square operator, got {op.in_shape} -> {op.out_shape}")
     x = _start(op, v0, generator)
-    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper)
+    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper, noise)
     vec = state.vector
     lam, res = _rayleigh(op, vec)
     if warn:
@@ -880,6 +889,7 @@ def top_singular(
     check: LinearOperator | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    noise: float = 0.0,
 ) -> SingularResult:
     """Largest singular value of each of a batch of linear maps (matrix-free).
 
@@ -896,7 +906,7 @@ def top_singular(
     v0
         Starting vectors in the space iterated on (``in_shape`` for ``side="input"``,
         ``out_shape`` for ``"output"``), or ``None`` for Gaussian ones.
-    method, tol, max_iter, max_basis, generator, warn
+    method, tol, max_iter, max_basis, generator, warn, noise
         As in :func:`top_eig`; ``tol`` is the relative accuracy of ``sigma`` (the eigen-iteration
         on the Gram operator runs with ``2 tol``).
     upper
@@ -920,7 +930,7 @@ def top_singular(
     gram = op.gram(side)
     x = _start(gram, v0, generator)
     up2 = None if upper is None else torch.as_tensor(upper, dtype=torch.float64) ** 2
-    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2)
+    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2, noise)
     vec = state.vector.reshape(op.batch, -1)
     if side == "input":  # sigma = ||A v||, with the more accurate operator when one is given
         final = check if check is not None else op

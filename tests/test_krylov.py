@@ -387,10 +387,11 @@ def test_solve_that_stops_early_is_marked_and_warns():
 
 
 
-def test_inexact_operator_converges_on_its_residual():
+
+def test_noise_floor_lets_an_inexact_operator_converge():
     # every product is off by a relative 1e-9 (as when it contains an iterative solve, e.g. the
-    # set-valued modulus ||H^+ R||): the increments stop shrinking at that level, and the
-    # residual-based rule 1 must still stop, within tol of the exact value
+    # set-valued modulus ||H^+ R||): the increments stop shrinking at that level, so without
+    # ``noise`` rule 1 never holds; with it, the run stops within tol of the exact value
     A = _psd(30, 11)
     exact = float(torch.linalg.eigvalsh(A)[-1])
     g = torch.Generator().manual_seed(12)
@@ -400,5 +401,11 @@ def test_inexact_operator_converges_on_its_residual():
         return w * (1 + 1e-9 * torch.randn(w.shape, generator=g, dtype=torch.float64))
 
     op = LinearOperator(noisy, in_shape=(30,))
-    r = top_eig(op, _start(30, 13), method="power", tol=1e-6, max_iter=2000)
-    assert bool(r.converged[0]) and abs(float(r.value[0]) - exact) <= 1e-6 * exact
+    with pytest.warns(NotConvergedWarning):
+        r = top_eig(op, _start(30, 13), method="power", tol=1e-8, max_iter=300)
+    assert not bool(r.converged[0])
+    for method in ("power", "lanczos"):
+        r = top_eig(op, _start(30, 13), method=method, tol=1e-6, max_iter=2000, noise=1e-8)
+        assert bool(r.converged[0]) and abs(float(r.value[0]) - exact) <= 1e-6 * exact
+    with pytest.raises(ValueError, match="noise"):
+        top_eig(op, method="power", noise=-1.0)

@@ -121,7 +121,8 @@ def lipschitz_modulus(
     solve_tol, solve_max_iter
         Matrix-free: tolerance and iteration limit of every inner solve with ``H``.
     eig_method, tol, max_iter, generator
-        Matrix-free: passed to :func:`sensitivity_lib.krylov.top_singular` (``"power"`` by default).
+        Matrix-free: passed to :func:`sensitivity_lib.krylov.top_singular` (``"power"`` by default),
+        with ``noise=100 * solve_tol`` (the products are inexact by the inner solves' tolerance).
 
     Returns
     -------
@@ -204,7 +205,9 @@ def _matrix_free(loss, w, x, idx, factor, method, criterion_tol, solve_tol, solv
 
     op = krylov.LinearOperator(matvec, rmatvec, in_shape=R.in_shape, out_shape=(w.numel(),),
                                dtype=torch.float64, device=w.device)  # fmt: skip
-    res = krylov.top_singular(op, method=eig_method, tol=tol, max_iter=max_iter, generator=generator)
+    # the products carry the inner solves' error: increments below ~100 solve_tol are noise
+    res = krylov.top_singular(op, method=eig_method, tol=tol, max_iter=max_iter, generator=generator,
+                              noise=100 * solve_tol)  # fmt: skip
     # the criterion along the top right singular vector: is R_x u in the range of H?
     c = factor * R.apply(res.right)[0]
     s = krylov.solve(H, c, method=method, tol=solve_tol, max_iter=solve_max_iter, hermitian=True, warn=False)
