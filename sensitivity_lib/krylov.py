@@ -491,18 +491,42 @@ def _tail_error(hist: list[Tensor], eps: float) -> Tensor:
     return torch.where(dmax > 0, err, torch.zeros_like(err)) / scale
 
 
-def _decide(hist, rhist, tol, upper, invariant, eps, check=None, basis=None) -> tuple[Tensor, Tensor]:
-    """(done, error) for every problem from the three rules of the module docstring. ``hist`` and
-    ``rhist`` hold the values and the relative residuals of the Ritz pairs so far; ``check`` is the
-    power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of it)."""
-    theta, rel = hist[-1], rhist[-1]
+class _History:
+    """The values, relative residuals and rule 1's per-step error estimates of the active problems
+    (lists of float64 ``(B,)`` tensors, oldest first). Each step's estimate is computed once, when
+    its value arrives, so that rule 1's persistence test costs one reduction per step."""
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+        self.values: list[Tensor] = []
+        self.rel: list[Tensor] = []
+        self.tails: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, theta: Tensor, rel: Tensor) -> None:
+        self.values.append(theta)
+        self.rel.append(rel)
+        self.tails.append(_tail_error(self.values, self.eps))
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep the problems ``idx`` (the batch shrank)."""
+        self.values = [h[idx] for h in self.values]
+        self.rel = [h[idx] for h in self.rel]
+        self.tails = [h[idx] for h in self.tails]
+
+
+def _decide(hist: _History, tol, upper, invariant, check=None, basis=None) -> tuple[Tensor, Tensor]:
+    """(done, error) for every problem from the three rules of the module docstring; ``check`` is
+    the power iteration's verified Ritz value (rule 1 then also needs ``theta`` within ``tol / 2`` of
+    it)."""
+    theta, rel = hist.values[-1], hist.rel[-1]
     scale = theta.abs().clamp_min(1e-300)
-    error = _tail_error(hist, eps)
-    # it must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
+    # rule 1 must have held for a while too (within one Lanczos cycle of ``basis`` vectors: a restart
     # from a single Ritz vector starts a new convergence, whose first increments are large again)
     span = math.ceil(_PERSIST * (len(hist) if basis is None else min(len(hist), basis)))
-    for back in range(1, min(span, len(hist))):
-        error = torch.maximum(error, _tail_error(hist[:-back], eps))
+    error = torch.stack(hist.tails[-max(1, min(span, len(hist))) :]).amax(0)
     if check is not None:
         error = torch.maximum(error, 2 * (check - theta).clamp_min(0) / scale)
     done = (error <= tol) & (rel <= math.sqrt(tol))
@@ -590,34 +614,33 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    hist: list[Tensor] = []  # per active problem, re-indexed when the batch shrinks
-    rhist: list[Tensor] = []  # relative residuals, likewise
+    # increments below _NOISE * eps (rounding, or the operator's own noise) are no progress
+    eps = max(torch.finfo(q.dtype).eps, noise / _NOISE)
+    hist = _History(eps)  # per active problem, re-indexed when the batch shrinks
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
-    eps = max(torch.finfo(q.dtype).eps, noise / _NOISE)  # increments below _NOISE * eps: no progress
     steps = 0
     while True:
         w = _apply_flat(state.op, q)
         steps += 1
         theta = _dot(q, w).cpu()
         res = torch.linalg.vector_norm(_wide(w - theta[:, None].to(w) * q), dim=1).cpu()
-        hist.append(theta)
-        rhist.append(res / theta.abs().clamp_min(1e-300))
+        hist.push(theta, res / theta.abs().clamp_min(1e-300))
         q_new, wn = _normalise(w)
         invariant = (wn <= 0).cpu()  # A v = 0: the top eigenvalue seen from v is 0
         # where the rules would stop with the best Ritz value known so far, verify first (once per
         # level of theta): a short Lanczos run from the power vector; a Ritz value well above theta
         # means the iteration sits inside a cluster of near-equal top eigenvalues it has not resolved
         optimistic = torch.where(known > 0, known, theta)
-        would, _ = _decide(hist, rhist, tol, upper, invariant, eps, optimistic)
+        would, _ = _decide(hist, tol, upper, invariant, optimistic)
         need = would & ~invariant & (theta > verified_at)
         if bool(need.any()) and steps + _VERIFY_STEPS <= max_iter:
             known = torch.maximum(known, _verify(state.op, q, need))
             verified_at = torch.where(need, theta, verified_at)
             steps += _VERIFY_STEPS
-        state.record(theta, rhist[-1], steps)
+        state.record(theta, hist.rel[-1], steps)
         check = torch.where(verified_at > 0, known, torch.full_like(theta, math.inf))
-        done = state.decide(*_decide(hist, rhist, tol, upper, invariant, eps, check))
+        done = state.decide(*_decide(hist, tol, upper, invariant, check))
         if bool(done.all()) or steps >= max_iter:
             state.store(torch.arange(len(q)), q)
             return state, 0
@@ -625,8 +648,8 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
             keep = state.retire(done, q)
             if keep is not None:
                 q_new, invariant, q = q_new[keep], invariant[keep], q[keep]
-                hist, known, verified_at = [h[keep] for h in hist], known[keep], verified_at[keep]
-                rhist = [r[keep] for r in rhist]
+                known, verified_at = known[keep], verified_at[keep]
+                hist.keep(keep)
                 upper = None if upper is None else upper[keep]
         q = torch.where(invariant[:, None].to(q.device), q, q_new)
 
@@ -662,13 +685,14 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
     With ``omega[:, k] ~ q_j . q_k`` and ``omega_prev[:, k] ~ q_{j-1} . q_k`` (float64, ``(B, m+1)``)
     it returns the estimates of ``q_{j+1} . q_k``: for ``k < j`` from ``A``'s symmetry,
     ``beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k} + beta_{k-1} w_{j,k-1}
-    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``) taken with the
-    sign of the rest, so that it adds to the growth instead of averaging out (as in Larsen's
-    PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
+    - beta_{j-1} w_{j-1,k}`` plus a rounding term of size ``noise`` (``eps ||A||``, a number or one
+    per problem) taken with the sign of the rest, so that it adds to the growth instead of averaging
+    out (as in Larsen's PROPACK); ``w_{j+1,j} = noise / beta_j`` (the local pass leaves rounding only) and
     ``w_{j+1,j+1} = 1``. (H. D. Simon, *The Lanczos algorithm with partial reorthogonalization*,
     Math. Comp. 42, 1984.)
     """
     out = torch.zeros_like(omega)
+    noise = torch.as_tensor(noise, dtype=torch.float64).reshape(-1, 1)  # one, or one per problem
     safe = beta_j.clamp_min(1e-300)[:, None]
     if j > 0:
         t = (
@@ -678,7 +702,7 @@ def _omega_step(omega, omega_prev, alpha, beta, beta_j, j, noise):
         )
         t[:, 1:] += beta[:, : j - 1] * omega[:, : j - 1]
         out[:, :j] = (t + torch.where(t >= 0, noise, -noise)) / safe
-    out[:, j] = noise / safe[:, 0]
+    out[:, j] = (noise / safe)[:, 0]
     out[:, j + 1] = 1.0
     # a problem that broke down (beta_j = 0) continues with zero vectors: nothing to lose
     return torch.where(beta_j[:, None] > 0, out, torch.zeros_like(out))
@@ -703,11 +727,13 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    hist: list[Tensor] = []
-    rhist: list[Tensor] = []
+    hist = _History(max(eps, noise / _NOISE))  # increments below noise * theta: no progress
     up = upper
     steps = 0
-    anorm = 0.0  # running estimate of ||A|| (the largest |alpha_j| + beta_j seen)
+    # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
+    # that a batch mixing scales (1 and 1e10, as the resolvent norms of a pseudospectrum's grid)
+    # does not make the small ones look like rounding noise
+    anorm = torch.zeros(nb, dtype=torch.float64)
     reorths = 0
     while True:
         nb = q.shape[0]
@@ -719,7 +745,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
         omega = torch.zeros(nb, m + 1, dtype=torch.float64)
         omega[:, 0] = 1.0
         omega_prev = torch.zeros_like(omega)
-        force = False
+        force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
             w = _apply_flat(state.op, Q[:, j])
@@ -735,38 +761,42 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             w[:, None].baddbmm_(local.transpose(1, 2), Q[:, lo : j + 1], alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
             wn = torch.linalg.vector_norm(w, dim=1).double()
-            anorm = max(anorm, float((alpha[:, j].abs() + wn).max()))
+            anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
-            # by Simon's recurrence; orthogonalise against the whole basis only when the estimate
-            # exceeds sqrt(eps) (and at the step after), or when w is so small that its direction is
-            # mostly rounding (breakdown check)
+            # by Simon's recurrence; orthogonalise a problem's vector against its whole basis only
+            # when its estimate exceeds sqrt(eps) (and at the step after), or when w is so small that
+            # its direction is mostly rounding (breakdown check); the other problems are left alone
             omega_next = _omega_step(omega, omega_prev, alpha, beta, wn, j, eps * anorm)
-            tiny = bool((wn <= math.sqrt(eps) * anorm).any())
-            trigger = bool((omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)).any())
-            if force or trigger or tiny:
+            tiny = wn <= math.sqrt(eps) * anorm
+            trigger = omega_next[:, : j + 1].abs().amax(1) > math.sqrt(eps)
+            need = force | trigger | tiny
+            if bool(need.any()):
+                sub = torch.nonzero(need).flatten()
+                Qs, ws = Q[sub, : j + 1], w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
-                    coef = torch.bmm(Q[:, : j + 1].conj(), w[:, :, None])
-                    w[:, None].baddbmm_(coef.transpose(1, 2), Q[:, : j + 1], alpha=-1)
+                    coef = torch.bmm(Qs.conj(), ws[:, :, None])
+                    ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
                     removed = torch.linalg.vector_norm(coef[:, :, 0], dim=1).double()
-                    wn = torch.linalg.vector_norm(w, dim=1).double()
-                    if bool((wn**2 >= 0.49 * (wn**2 + removed**2)).all()):
+                    wns = torch.linalg.vector_norm(ws, dim=1).double()
+                    if bool((wns**2 >= 0.49 * (wns**2 + removed**2)).all()):
                         break
-                omega_next[:, : j + 1] = eps
+                w[sub], wn[sub] = ws, wns
+                omega_next[sub, : j + 1] = eps
                 reorths += 1
-                force = trigger and not force  # the step after a triggered one is done too
+            force = trigger & ~force  # the step after a triggered one is done too
             omega_prev, omega = omega, omega_next
             beta[:, j] = wn
             k = j + 1
             theta, s = _tridiagonal_top(alpha, beta, k)
             ritz_res = wn * s[:, -1].abs()
-            if j > 0 or not hist:  # a restart's first value repeats the last one: not a new step
-                hist.append(theta)
-                rhist.append(ritz_res / theta.abs().clamp_min(1e-300))
-            state.record(theta, ritz_res / theta.abs().clamp_min(1e-300), steps)
+            rel = ritz_res / theta.abs().clamp_min(1e-300)
+            if j > 0 or not len(hist):  # a restart's first value repeats the last one: not a new step
+                hist.push(theta, rel)
+            state.record(theta, rel, steps)
             invariant = wn <= 10 * eps * alpha[:, :k].abs().amax(1).clamp_min(1e-300)
             if k >= n:  # the basis spans the whole space (without restarts): T holds the spectrum
                 invariant = invariant | (steps == k)
-            done = state.decide(*_decide(hist, rhist, tol, up, invariant, max(eps, noise / _NOISE), basis=m))
+            done = state.decide(*_decide(hist, tol, up, invariant, basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
                 ritz, _ = _normalise(torch.einsum("bkn,bk->bn", Q[:, :k], s.to(Q.dtype)))
@@ -782,7 +812,8 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
                 Q, alpha, beta = Q[keep], alpha[keep], beta[keep]
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
-                hist, rhist = [h[keep] for h in hist], [r[keep] for r in rhist]
+                anorm, force = anorm[keep], force[keep]
+                hist.keep(keep)
                 up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))

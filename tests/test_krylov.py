@@ -386,8 +386,6 @@ def test_solve_that_stops_early_is_marked_and_warns():
         solve(_op(A), _start(40, 9), method="cg")
 
 
-
-
 def test_noise_floor_lets_an_inexact_operator_converge():
     # every product is off by a relative 1e-9 (as when it contains an iterative solve, e.g. the
     # set-valued modulus ||H^+ R||): the increments stop shrinking at that level, so without
@@ -409,3 +407,22 @@ def test_noise_floor_lets_an_inexact_operator_converge():
         assert bool(r.converged[0]) and abs(float(r.value[0]) - exact) <= 1e-6 * exact
     with pytest.raises(ValueError, match="noise"):
         top_eig(op, method="power", noise=-1.0)
+
+
+def test_problems_that_leave_do_not_restart_the_others():
+    # a batch of complex Hermitian problems with very different convergence speeds takes, for every
+    # problem, the same steps as that problem alone: the ones still running keep their Krylov bases
+    g = torch.Generator().manual_seed(5)
+    n, B = 60, 6
+    X = torch.randn(B, n, n, generator=g, dtype=torch.complex128)
+    lam = torch.rand(B, n, generator=g, dtype=torch.float64)
+    lam[:, 0] = 1.0 + 0.5 ** torch.arange(B, dtype=torch.float64)  # gaps from 1 down to 1/32
+    q, _ = torch.linalg.qr(X)
+    H = (q * lam[:, None, :].to(q.dtype)) @ q.mH
+    v0 = torch.randn(B, n, generator=g, dtype=torch.complex128)
+    batch = top_eig(LinearOperator.from_matrix(H), v0, tol=1e-12, max_iter=200)
+    alone = [top_eig(LinearOperator.from_matrix(H[b]), v0[b], tol=1e-12, max_iter=200) for b in range(B)]
+    assert torch.equal(batch.iterations, torch.cat([a.iterations for a in alone]))
+    assert torch.allclose(batch.value, torch.cat([a.value for a in alone]), rtol=1e-13)
+    assert torch.allclose(batch.value, torch.linalg.eigvalsh(H)[:, -1], rtol=1e-11)
+    assert len(set(batch.iterations.tolist())) > 1  # they did leave at different steps

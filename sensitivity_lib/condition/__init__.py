@@ -3,15 +3,15 @@
 The relative condition number ``kappa(x) = ||J(x)|| ||x|| / ||f(x)||`` of a network at an input, in
 the 2-norm, on the model's input space ([0, 1] pixels for the book's models), and what it predicts.
 
-Modules
--------
-lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
-local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
-              product; where the network is not differentiable
-approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
-perturbation  random and gradient directions, observed amplification, the smallest flipping step
-precision     rounding to fewer bits, and the input bit-width a condition number predicts
-peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
+Its modules::
+
+    lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
+    local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
+                  product; where the network is not differentiable
+    approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
+    perturbation  random and gradient directions, observed amplification, the smallest flipping step
+    precision     rounding to fewer bits, and the input bit-width a condition number predicts
+    peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
 
 The functions are re-exported here: ``condition.local_condition(model, x)``.
 """
