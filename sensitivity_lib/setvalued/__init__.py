@@ -8,18 +8,18 @@ perturbed solutions, the Lipschitz modulus ``||H^+ R_x||`` of the Aubin property
 form for bias-free ReLU networks, and distances between sampled sets. Everything is float64; the
 Hessian is used through Hessian-vector products (torch.func), or densely for small models.
 
-Modules
--------
-problem     ``loss(w, x)`` from an nn.Module, a data set and a per-sample loss
-            (:func:`module_loss`, :func:`squared_error`); L-BFGS training to stationarity
-            (:func:`fit`); the Hessian and the mixed derivative as matrix-free operators, the
-            dense Hessian spectrum for small models (:func:`hessian_spectrum`)
-derivative  the graphical derivative as an affine set (:func:`graphical_derivative`,
-            :class:`AffineSet`): dense eigendecomposition, or MINRES / LSQR on HVPs
-modulus     the Lipschitz modulus ``||H^+ R_x||_2`` with the Mordukhovich criterion checked
-            (:func:`lipschitz_modulus`), and Theorem 2's ``kappa_h`` (:func:`theorem2_kappa`)
-distances   point-to-set distance, excess and Pompeiu-Hausdorff distance of sampled sets
-            (:func:`distance`, :func:`excess`, :func:`hausdorff`)
+Its modules::
+
+    problem     loss(w, x) from an nn.Module, a data set and a per-sample loss (module_loss,
+                squared_error); L-BFGS training to stationarity (fit); the Hessian and the mixed
+                derivative as matrix-free operators, the dense Hessian spectrum for small models
+                (hessian_spectrum)
+    derivative  the graphical derivative as an affine set (graphical_derivative, AffineSet):
+                dense eigendecomposition, or MINRES / LSQR on HVPs
+    modulus     the Lipschitz modulus ||H^+ R_x||_2 with the Mordukhovich criterion checked
+                (lipschitz_modulus), and Theorem 2's kappa_h (theorem2_kappa)
+    distances   point-to-set distance, excess and Pompeiu-Hausdorff distance of sampled sets
+                (distance, excess, hausdorff)
 
 The public names of every module are re-exported here: ``setvalued.graphical_derivative(...)``.
 """

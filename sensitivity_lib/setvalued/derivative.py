@@ -28,7 +28,7 @@ Methods
 
 Weighting
     ``"exact"`` (default): the derivative of the loss as given (``1/n`` on every term when the loss
-    is the mean over samples, as :func:`~sensitivity_lib.setvalued.module_loss` builds it).
+    is the mean over samples, as :func:`~sensitivity_lib.setvalued.problem.module_loss` builds it).
     ``"paper"``: eq. (14) as printed, ``1/|I|`` on the Hessian but ``1/|K|`` on the cross term
     (``K`` = the perturbed samples, the non-zero rows of ``dx``): ``b`` is multiplied by ``n/|K|``,
     which scales every member of the set by ``n/|K|``. It matches the exact derivative only after
@@ -190,7 +190,7 @@ def graphical_derivative(
     ----------
     loss
         ``loss(w, x)``: a scalar function of the flat parameters ``w`` (``(p,)``) and the data ``x``
-        (samples along axis 0), e.g. built by :func:`~sensitivity_lib.setvalued.module_loss`.
+        (samples along axis 0), e.g. built by :func:`~sensitivity_lib.setvalued.problem.module_loss`.
         Evaluated in float64.
     w
         The (near-)stationary point ``(p,)`` at which to differentiate, e.g. trained weights.
@@ -209,8 +209,8 @@ def graphical_derivative(
     weighting
         ``"exact"`` (default) or ``"paper"`` (eq. 14's ``1/|K|`` on the cross term).
     spectrum
-        Dense method: a :class:`~sensitivity_lib.setvalued.Spectrum` of this problem's Hessian from
-        :func:`~sensitivity_lib.setvalued.hessian_spectrum`, to decompose once for many ``dx``.
+        Dense method: a :class:`~sensitivity_lib.setvalued.problem.Spectrum` of this problem's Hessian from
+        :func:`~sensitivity_lib.setvalued.problem.hessian_spectrum`, to decompose once for many ``dx``.
 
     Returns
     -------

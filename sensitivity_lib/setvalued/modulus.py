@@ -20,7 +20,7 @@ The modulus (our derivation from Theorem 1 and the Mordukhovich criterion, book 
 
 Methods
     ``"dense"``: eigendecomposition of ``H`` (cut-off ``rtol`` as in
-    :func:`~sensitivity_lib.setvalued.graphical_derivative`) and the dense ``p x m`` ``R_x``
+    :func:`~sensitivity_lib.setvalued.derivative.graphical_derivative`) and the dense ``p x m`` ``R_x``
     (``m`` = entries of ``x[rows]``); ``kind="exact"`` (up to rounding and the cut-off).
     ``"minres"`` / ``"lsqr"``: matrix-free. The operator ``u -> H^+ R_x u`` (one pull-back through the
     gradient and one solve of :func:`sensitivity_lib.krylov.solve` at ``solve_tol``) and its adjoint
@@ -103,7 +103,7 @@ def lipschitz_modulus(
     Parameters
     ----------
     loss, w, x
-        The training problem (see :func:`~sensitivity_lib.setvalued.graphical_derivative`).
+        The training problem (see :func:`~sensitivity_lib.setvalued.derivative.graphical_derivative`).
     rows
         Indices of the samples whose perturbation is considered (the paper's ``K``); all by default.
     method
@@ -117,7 +117,7 @@ def lipschitz_modulus(
     weighting
         ``"exact"`` or ``"paper"`` (``R_x`` multiplied by ``n / |K|``, as eq. 14 weights the cross term).
     spectrum
-        Dense: a precomputed :class:`~sensitivity_lib.setvalued.Spectrum` of ``H``.
+        Dense: a precomputed :class:`~sensitivity_lib.setvalued.problem.Spectrum` of ``H``.
     solve_tol, solve_max_iter
         Matrix-free: tolerance and iteration limit of every inner solve with ``H``.
     eig_method, tol, max_iter, generator

@@ -307,8 +307,8 @@ def hessian_spectrum(loss: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Ten
 
     For small models: the ``p x p`` matrix is built from ``p`` vmapped Hessian-vector products and
     decomposed by LAPACK's ``dsyevr`` (``scipy.linalg.eigh``). Pass the result as ``spectrum=`` to
-    :func:`~sensitivity_lib.setvalued.graphical_derivative` and
-    :func:`~sensitivity_lib.setvalued.lipschitz_modulus` to decompose once.
+    :func:`~sensitivity_lib.setvalued.derivative.graphical_derivative` and
+    :func:`~sensitivity_lib.setvalued.modulus.lipschitz_modulus` to decompose once.
     """
     import scipy.linalg
 
