@@ -6,7 +6,7 @@ The map of the package::
         results      Estimate: a number and whether it is exact, a certified bound or an estimate
         validation   input checks, the one eval-mode policy, model fingerprints
         krylov       LinearOperator, and Lanczos / power iterations for the top of a spectrum, with one
-                     stopping rule and loud non-convergence
+                     stopping rule and loud non-convergence; MINRES / LSQR solves (scipy) on it
         graph        the traced-graph walker: a model reduced to steps, one rule per operation
         opnorm       operator norms of conv and linear layers (exact, certified upper, lower)
         winograd     Winograd's F(4x4, 3x3) for the 3x3 convolutions inside those iterations
@@ -16,6 +16,8 @@ The map of the package::
     Part I      condition/   a condition number for a whole network (Maheshwari et al.)
     Part II     influence/   influence on a perturbation manifold (Shu & Zhu)
     Part III    recurrent/   recurrent networks: normalised spectra, robustness (Sengupta & Friston)
+    Part IV     setvalued/   set-valued sensitivity of training: graphical derivative, Lipschitz
+                             modulus, distances of sets (Wang, Wang & Ban)
     Book support
         data         datasets in [0, 1] pixel space: what ships offline, loaders for what you supply
         zoo          the model wrapper (normalisation inside), pretrained loaders, deterministic training

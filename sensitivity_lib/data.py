@@ -184,13 +184,28 @@ def cifar10_test20() -> ImageSet:
 
 
 def digits8x8() -> ImageSet:
-    """scikit-learn's 1,797 UCI handwritten digits, (1797, 1, 8, 8) in [0, 1]. Not MNIST."""
+    """scikit-learn's 1,797 UCI handwritten digits, (1797, 1, 8, 8) in [0, 1]. Not MNIST.
+
+    Read from the file that ``sklearn.datasets.load_digits`` reads, without importing scikit-learn
+    (seconds per process); through ``load_digits`` where that file is not found.
+    """
+    table = _digits_table()
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0).unsqueeze(1)
+    return ImageSet(images, torch.from_numpy(table[:, -1].astype(np.int64)), MNIST_CLASSES,
+                    "UCI digits 8x8", source="scikit-learn")  # fmt: skip
+
+
+def _digits_table() -> np.ndarray:
+    """The (1797, 65) table of the digits: 64 pixel values in 0..16, then the label."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",")
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return ImageSet(images, torch.from_numpy(d.target.astype(np.int64)), MNIST_CLASSES,
-                    "UCI digits 8x8", source="scikit-learn")  # fmt: skip
+    return np.column_stack([d.data, d.target])
 
 
 def imagenet_classes() -> list[str]:

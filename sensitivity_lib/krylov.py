@@ -22,6 +22,9 @@ Methods
       power iteration.
     * :func:`top_singular`: the largest singular value, by the same iterations on the Gram operator
       of the smaller side (``A^H A`` or ``A A^H``), finished by ``sigma = ||A v|| / ||v||``.
+    * :func:`solve`: a linear solve ``A x = b`` (least squares when ``b`` is not in the range), by
+      scipy's MINRES (self-adjoint ``A``) or LSQR on :func:`to_scipy`'s adapter, with the
+      tolerance explicit and convergence judged on recomputed residuals (below), never silent.
 
     Lanczos keeps the Krylov basis semi-orthogonal by partial re-orthogonalisation: Simon's
     recurrence estimates the loss of orthogonality at every step, and the new vector is
@@ -40,8 +43,9 @@ The stopping rule (the same for both methods and every caller)
     ``err_k = 4 max_i d_i q / (1 - q) / theta_k``,  ``q`` the largest ratio ``d_{i+1} / d_i``
 
     (``inf`` when the increments do not shrink; increments at the rounding level of the working
-    dtype count as no progress). The residual ``r_k`` bounds the distance to *some* eigenvalue, not
-    to the largest, so it serves only as a guard. A problem has converged when
+    dtype, or below ``noise * theta_k`` for an operator applied inexactly, count as no progress).
+    The residual ``r_k`` bounds the distance to *some* eigenvalue, not to the largest, so it serves
+    only as a guard. A problem has converged when
 
     1. ``err_j <= tol`` at each of the last ``max(1, k / 8)`` steps ``j`` (for Lanczos at most
        ``max_basis / 8``: a restart from one Ritz vector starts a new convergence, whose first
@@ -59,6 +63,21 @@ The stopping rule (the same for both methods and every caller)
     emerged), and the power iteration stopped 1.2e-3 low inside a pair of top eigenvalues 0.1%
     apart; with them, every value reported as converged was within ``tol`` on the tests' random
     matrices and on 160 random convolutions against dense SVDs.
+
+The linear solves
+    :func:`solve` runs ``scipy.sparse.linalg.minres`` or ``lsqr`` from ``x0 = 0`` (so the iterates
+    stay in the Krylov space of ``A^H b``: LSQR returns the minimum-norm least-squares solution for
+    any ``b``, MINRES the minimum-norm solution when ``b`` is in the range of ``A``). scipy's own
+    stopping tests use its running estimates; this module recomputes, with two more products,
+
+    ``residual = ||A x - b|| / ||b||``  and  ``normal_residual = ||A^H (A x - b)|| / ||A^H b||``
+
+    and reports the solve as converged when either is at most ``tol`` (a solution of ``A x = b``,
+    or a least-squares solution, to ``tol``). scipy's tests are relative to ``||A|| ||x||``, so on
+    an ill-conditioned system it can stop before these pass: the solve then restarts on the
+    residual (the correction again from 0, so LSQR's iterates stay in the range of ``A^H``), up to
+    8 times within ``max_iter``. If the residuals still do not pass, ``converged`` is false and
+    :class:`NotConvergedWarning` is raised as a warning.
 
 What the result guarantees
     The value is a Rayleigh quotient of the returned vector, so it is never above the largest
@@ -82,6 +101,9 @@ Example
 >>> s = top_singular(LinearOperator.from_matrix(B), tol=1e-12)
 >>> round(float(s.value[0]), 12)
 5.0
+>>> r = solve(LinearOperator.from_matrix(A), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+>>> [round(v, 12) for v in r.x.tolist()], r.status
+([1.0, 1.0, 1.0], 'solution')
 """
 
 from __future__ import annotations
@@ -90,7 +112,9 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from sensitivity_lib.validation import check_finite_tensor
@@ -104,9 +128,15 @@ __all__ = [
     "top_singular",
     "linear_adjoint",
     "METHODS",
+    "SOLVERS",
+    "SolveResult",
+    "solve",
+    "to_scipy",
 ]
 
 METHODS: tuple[str, ...] = ("lanczos", "power")
+SOLVERS: tuple[str, ...] = ("minres", "lsqr")
+_MAX_RESTARTS = 8  # solves for the correction when scipy stops before the recomputed residuals pass
 _WINDOW = 5  # increments looked at by rule 1
 _SAFETY = 4.0  # rule 1's factor on the geometric tail
 _NOISE = 16.0  # increments below _NOISE * eps * |theta| are rounding, not convergence
@@ -578,12 +608,14 @@ class _Batch:
 # power iteration
 
 
-def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None):
+def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tensor | None,
+           noise: float = 0.0):  # fmt: skip
     state = _Batch(op)
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    eps = torch.finfo(q.dtype).eps
+    # increments below _NOISE * eps (rounding, or the operator's own noise) are no progress
+    eps = max(torch.finfo(q.dtype).eps, noise / _NOISE)
     hist = _History(eps)  # per active problem, re-indexed when the batch shrinks
     known = torch.zeros(len(q), dtype=torch.float64)  # verified lower bounds on lambda_max (0: none)
     verified_at = torch.zeros(len(q), dtype=torch.float64)  # theta at the last verification
@@ -686,7 +718,7 @@ def _tridiagonal_top(alpha: Tensor, beta: Tensor, k: int) -> tuple[Tensor, Tenso
     return evals[:, -1], evecs[:, :, -1]
 
 
-def _lanczos(op, x, tol, max_iter, max_basis, upper):
+def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     state = _Batch(op)
     nb, n = x.shape
     m = max_basis or _default_basis(n, x.element_size(), nb, max_iter)
@@ -695,7 +727,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
     q, nrm = _normalise(x)
     if bool((nrm == 0).any()):
         raise ValueError("the starting vector is zero (for at least one problem)")
-    hist = _History(eps)
+    hist = _History(max(eps, noise / _NOISE))  # increments below noise * theta: no progress
     up = upper
     steps = 0
     # running estimate of each problem's ||A|| (the largest |alpha_j| + beta_j seen): per problem, so
@@ -813,11 +845,13 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper):
 # public entry points
 
 
-def _run(op, x, method, tol, max_iter, max_basis, upper):
+def _run(op, x, method, tol, max_iter, max_basis, upper, noise=0.0):
+    if not (noise >= 0) or not math.isfinite(noise):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
     up = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(op.batch)
     if method == "lanczos":
-        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone())
-    return _power(op, x, tol, int(max_iter), None if up is None else up.clone())
+        return _lanczos(op, x, tol, int(max_iter), max_basis, None if up is None else up.clone(), noise)
+    return _power(op, x, tol, int(max_iter), None if up is None else up.clone(), noise)
 
 
 def _rayleigh(op: LinearOperator, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -839,6 +873,7 @@ def top_eig(
     upper: float | Tensor | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    noise: float = 0.0,
 ) -> EigResult:
     """Largest eigenvalue of each of a batch of self-adjoint operators (matrix-free).
 
@@ -865,6 +900,10 @@ def top_eig(
         For the random start.
     warn
         Warn with :class:`NotConvergedWarning` when a problem stops at ``max_iter`` unconverged.
+    noise
+        The relative accuracy of the operator's products when they are inexact (e.g. each one
+        contains an iterative solve to a tolerance): increments of the estimate below
+        ``noise * |theta|`` count as no progress, as rounding does. Default 0 (exact products).
 
     Returns
     -------
@@ -876,7 +915,7 @@ def top_eig(
     if op.in_shape != op.out_shape:
         raise ValueError(f"top_eig needs a square operator, got {op.in_shape} -> {op.out_shape}")
     x = _start(op, v0, generator)
-    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper)
+    state, reorths = _run(op, x, method, tol, max_iter, max_basis, upper, noise)
     vec = state.vector
     lam, res = _rayleigh(op, vec)
     if warn:
@@ -901,6 +940,7 @@ def top_singular(
     check: LinearOperator | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    noise: float = 0.0,
 ) -> SingularResult:
     """Largest singular value of each of a batch of linear maps (matrix-free).
 
@@ -917,7 +957,7 @@ def top_singular(
     v0
         Starting vectors in the space iterated on (``in_shape`` for ``side="input"``,
         ``out_shape`` for ``"output"``), or ``None`` for Gaussian ones.
-    method, tol, max_iter, max_basis, generator, warn
+    method, tol, max_iter, max_basis, generator, warn, noise
         As in :func:`top_eig`; ``tol`` is the relative accuracy of ``sigma`` (the eigen-iteration
         on the Gram operator runs with ``2 tol``).
     upper
@@ -941,7 +981,7 @@ def top_singular(
     gram = op.gram(side)
     x = _start(gram, v0, generator)
     up2 = None if upper is None else torch.as_tensor(upper, dtype=torch.float64) ** 2
-    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2)
+    state, reorths = _run(gram, x, method, 2 * tol, max_iter, max_basis, up2, noise)
     vec = state.vector.reshape(op.batch, -1)
     if side == "input":  # sigma = ||A v||, with the more accurate operator when one is given
         final = check if check is not None else op
@@ -964,4 +1004,222 @@ def top_singular(
         left=left.reshape(op.batch, *op.out_shape), iterations=state.iterations, residual=res,
         error=state.error / 2, converged=state.converged, history=hist, method=method, tol=tol,
         side=side, reorthogonalised=reorths,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# linear solves (scipy's MINRES and LSQR on a matrix-free operator)
+
+
+def to_scipy(op: LinearOperator, *, hermitian: bool = False) -> Any:
+    """A ``scipy.sparse.linalg.LinearOperator`` (float64) applying the single real map of ``op``.
+
+    Parameters
+    ----------
+    op
+        A :class:`LinearOperator` with ``batch == 1`` and a real dtype; vectors go to its device
+        and dtype and come back as float64 NumPy arrays (``op.in_shape`` and ``op.out_shape`` are
+        flattened).
+    hermitian
+        Use ``matvec`` as the adjoint too (for a self-adjoint ``op`` without ``rmatvec``).
+
+    Example
+    -------
+    >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> S = to_scipy(LinearOperator.from_matrix(A))
+    >>> S.shape, S.matvec(np.ones(2)).tolist(), S.rmatvec(np.ones(3)).tolist()
+    ((3, 2), [3.0, 3.0, 2.0], [3.0, 5.0])
+    """
+    import scipy.sparse.linalg as sla
+
+    if op.batch != 1:
+        raise ValueError(f"to_scipy needs a single operator (batch 1), got batch {op.batch}")
+    if op.dtype.is_complex:
+        raise ValueError("to_scipy handles real operators only")
+    if hermitian and op.in_shape != op.out_shape:
+        raise ValueError(f"a Hermitian operator must be square, got {op.in_shape} -> {op.out_shape}")
+
+    def wrap(apply, shape):
+        def f(v):
+            t = torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+            out = apply(t.to(device=op.device, dtype=op.dtype).reshape(1, *shape))
+            return out.reshape(-1).to(torch.float64).cpu().numpy()
+
+        return f
+
+    matvec = wrap(op.apply, op.in_shape)
+    if hermitian:
+        rmatvec = matvec
+    elif op.rmatvec is not None:
+        rmatvec = wrap(op.apply_adjoint, op.out_shape)
+    else:
+        rmatvec = None
+    return sla.LinearOperator((op.n_out, op.n_in), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+
+
+def _verdict(r, ahr, bnorm: float, ahb_norm: float, tol: float) -> tuple[float, float, str]:
+    """(residual, normal_residual, status) of the residual ``r = A x - b`` (module docstring)."""
+    rnorm = float(np.linalg.norm(r))
+    residual = rnorm / bnorm if bnorm > 0 else 0.0
+    normal = float(np.linalg.norm(ahr)) / ahb_norm if ahb_norm > 0 else 0.0
+    if residual <= tol:
+        return residual, normal, "solution"
+    if normal <= tol:
+        return residual, normal, "least-squares"
+    return residual, normal, "not converged"
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """The outcome of :func:`solve`.
+
+    Attributes
+    ----------
+    x
+        The solution, shape ``in_shape`` (in the operator's dtype and device).
+    residual
+        ``||A x - b|| / ||b||``, recomputed after the solve (0 for ``b = 0``).
+    normal_residual
+        ``||A^H (A x - b)|| / ||A^H b||``, recomputed (0 when ``A^H b = 0``): how far ``x`` is from a
+        least-squares solution.
+    converged
+        ``residual <= tol`` or ``normal_residual <= tol``.
+    status
+        ``"solution"`` (``residual <= tol``), ``"least-squares"`` (only ``normal_residual <= tol``:
+        ``b`` is not in the range of ``A`` to this accuracy) or ``"not converged"``.
+    iterations
+        Iterations of the solver.
+    products
+        Applications of ``A`` and ``A^H`` in all (the solver's and the two checks').
+    method, tol
+        The solver and the tolerance it was given.
+    """
+
+    x: Tensor
+    residual: float
+    normal_residual: float
+    converged: bool
+    status: str
+    iterations: int
+    products: int
+    method: str
+    tol: float
+
+
+def solve(
+    op: LinearOperator,
+    b: Tensor,
+    *,
+    method: str = "minres",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    hermitian: bool = False,
+    warn: bool = True,
+) -> SolveResult:
+    """Solve ``A x = b`` (or ``min ||A x - b||``) matrix-free with scipy's MINRES or LSQR from ``x0 = 0``.
+
+    Parameters
+    ----------
+    op
+        A real :class:`LinearOperator` with ``batch == 1``. MINRES needs it square and self-adjoint
+        (not checked: a non-symmetric operator gives a wrong answer that the recomputed residuals
+        then report); LSQR needs ``rmatvec``, or ``hermitian=True``.
+    b
+        The right-hand side, ``out_shape`` (any shape with that many entries).
+    method
+        ``"minres"`` (one product per iteration; minimum-norm when ``b`` is in the range) or
+        ``"lsqr"`` (two products per iteration; the minimum-norm least-squares solution for any
+        ``b``).
+    tol
+        Passed to scipy (MINRES ``rtol``; LSQR ``atol = btol``; LSQR's condition limit is off) and
+        used for the convergence verdict on the recomputed residuals (module docstring).
+    max_iter
+        Iteration limit (default: scipy's, ``5 n`` for MINRES and ``2 n`` for LSQR).
+    hermitian
+        The operator is self-adjoint: its ``matvec`` serves as the adjoint.
+    warn
+        Warn with :class:`NotConvergedWarning` when the solve did not converge.
+
+    Returns
+    -------
+    SolveResult
+    """
+    import scipy.sparse.linalg as sla
+
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
+    if not (tol > 0) or not math.isfinite(tol):
+        raise ValueError(f"need a finite tol > 0, got {tol}")
+    if max_iter is not None and int(max_iter) < 1:
+        raise ValueError(f"need max_iter >= 1, got {max_iter}")
+    if method == "minres":
+        if op.in_shape != op.out_shape:
+            raise ValueError(
+                f"MINRES needs a square self-adjoint operator, got {op.in_shape} -> {op.out_shape}"
+            )
+        hermitian = True
+    check_finite_tensor(b, "the right-hand side b")
+    if b.numel() != op.n_out:
+        raise ValueError(
+            f"b must hold {op.n_out} values (out_shape {op.out_shape}), got shape {tuple(b.shape)}"
+        )
+    S = to_scipy(op, hermitian=hermitian)
+    if S.rmatvec is None:
+        raise ValueError("LSQR needs the adjoint: give the operator an rmatvec, or hermitian=True")
+    count = [0]
+    mv, rmv = S.matvec, S.rmatvec
+
+    def counted(f):
+        def g(v):
+            count[0] += 1
+            return f(v)
+
+        return g
+
+    A = sla.LinearOperator(S.shape, matvec=counted(mv), rmatvec=counted(rmv), dtype=np.float64)
+    rhs = b.reshape(-1).to(torch.float64).cpu().numpy()
+    bnorm = float(np.linalg.norm(rhs))
+    ahb = rmv(rhs) if bnorm > 0 else np.zeros(op.n_in)
+    ahb_norm = float(np.linalg.norm(ahb))
+    count[0] += 1
+    x = np.zeros(op.n_in)
+    r = -rhs
+    limit = max_iter if max_iter is not None else (5 if method == "minres" else 2) * op.n_in
+    iterations, residual, normal, status = 0, 0.0, 0.0, "solution"
+    for _restart in range(_MAX_RESTARTS + 1):
+        residual, normal, status = _verdict(r, rmv(r), bnorm, ahb_norm, tol)
+        count[0] += 1
+        if status != "not converged" or iterations >= limit:
+            break
+        # scipy's own tests are relative to its estimates of ||A|| ||x||; when they stop short of
+        # ours, solve again for the correction (from 0: the iterates stay in the same Krylov range)
+        budget = limit - iterations
+        if method == "minres":
+            its = [0]
+
+            def callback(_xk, its=its):
+                its[0] += 1
+
+            d, _info = sla.minres(A, -r, rtol=tol, maxiter=budget, callback=callback)
+            iterations += its[0]
+        else:
+            out = sla.lsqr(A, -r, atol=tol, btol=tol, conlim=0.0, iter_lim=budget)
+            d = out[0]
+            iterations += int(out[2])
+        x = x + d
+        r = mv(x) - rhs
+        count[0] += 1
+    converged = status != "not converged"
+    if warn and not converged:
+        warnings.warn(
+            f"{method}: the solve did not converge to tol={tol:g} in {iterations} iterations "
+            f"(relative residual {residual:.2g}, normal-equations residual {normal:.2g}). Raise "
+            "max_iter or loosen tol.",
+            NotConvergedWarning,
+            stacklevel=2,
+        )
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(device=op.device, dtype=op.dtype)
+    return SolveResult(
+        x=xt.reshape(op.in_shape), residual=residual, normal_residual=normal, converged=converged,
+        status=status, iterations=iterations, products=count[0], method=method, tol=tol,
     )  # fmt: skip

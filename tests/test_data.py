@@ -21,6 +21,14 @@ def test_small_loaders(loader, shape, n, first_labels):
     assert len(ds.classes) == 10
 
 
+def test_digits8x8_equals_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    ds, ref = data.digits8x8(), load_digits()
+    assert torch.equal(ds.images, torch.from_numpy(ref.images.astype("float32") / 16.0).unsqueeze(1))
+    assert ds.labels.tolist() == ref.target.tolist()
+
+
 def test_mnist5k_is_balanced_and_split_is_disjoint_and_stratified():
     ds = data.mnist5k()
     assert ds.images.shape == (5000, 1, 28, 28)
