@@ -718,6 +718,14 @@ def _tridiagonal_top(alpha: Tensor, beta: Tensor, k: int) -> tuple[Tensor, Tenso
     return evals[:, -1], evecs[:, :, -1]
 
 
+def _basis(Q: Tensor, live: Tensor | None, cols, rows: Tensor | None = None) -> Tensor:
+    """The Lanczos basis buffer ``Q`` restricted to the running problems ``live`` (None: all rows),
+    or to their subset ``rows``, and to the basis vectors ``cols``."""
+    if live is None:
+        return Q[:, cols] if rows is None else Q[rows, cols]
+    return Q[live if rows is None else live[rows], cols]
+
+
 def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     state = _Batch(op)
     nb, n = x.shape
@@ -742,13 +750,6 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
         # the rows of Q that belong to the problems still running (None: all of them); problems
         # that converge leave without the others' bases being copied
         live: Tensor | None = None
-
-        def basis(cols, rows=None):
-            """Q restricted to the running problems (or their subset ``rows``) and ``cols``."""
-            if live is None:
-                return Q[:, cols] if rows is None else Q[rows, cols]
-            return Q[live if rows is None else live[rows], cols]
-
         alpha = torch.zeros(nb, m, dtype=torch.float64)
         beta = torch.zeros(nb, m, dtype=torch.float64)
         # omega[:, k] estimates q_j . q_k for the current j, omega_prev the same for j - 1
@@ -758,17 +759,17 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
         force = torch.zeros(nb, dtype=torch.bool)
         j = 0
         while True:
-            qj = basis(j)
+            qj = _basis(Q, live, j)
             w = _apply_flat(state.op, qj)
             steps += 1
             # the three-term recurrence (modified Gram-Schmidt form, fused in-place updates), then a
             # second local pass against q_j and q_{j-1} so that q_{j+1} . q_j stays at rounding level
             if j > 0:
-                w.addcmul_(basis(j - 1), beta[:, j - 1, None].to(w.dtype), value=-1)
+                w.addcmul_(_basis(Q, live, j - 1), beta[:, j - 1, None].to(w.dtype), value=-1)
             alpha[:, j] = _dot(qj, w)
             w.addcmul_(qj, alpha[:, j, None].to(w.dtype), value=-1)
             lo = max(0, j - 1)
-            Ql = basis(slice(lo, j + 1))
+            Ql = _basis(Q, live, slice(lo, j + 1))
             local = torch.bmm(Ql.conj(), w[:, :, None])  # (B, 2, 1)
             w[:, None].baddbmm_(local.transpose(1, 2), Ql, alpha=-1)
             alpha[:, j] += local[:, -1, 0].real.double()
@@ -784,7 +785,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             need = force | trigger | tiny
             if bool(need.any()):
                 sub = torch.nonzero(need).flatten()
-                Qs, ws = basis(slice(0, j + 1), sub), w[sub]
+                Qs, ws = _basis(Q, live, slice(0, j + 1), sub), w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
                     coef = torch.bmm(Qs.conj(), ws[:, :, None])
                     ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
@@ -811,7 +812,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             done = state.decide(*_decide(hist, tol, up, invariant, basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", basis(slice(0, k)), s.to(Q.dtype)))
+                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", _basis(Q, live, slice(0, k)), s.to(Q.dtype)))
                 if stop:
                     state.store(torch.arange(ritz.shape[0]), ritz)
                     return state, reorths
@@ -822,7 +823,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
                 # with their Krylov bases
                 ritz = torch.zeros_like(w)
                 dn = torch.nonzero(done).flatten()
-                Qd = basis(slice(0, k), dn)
+                Qd = _basis(Q, live, slice(0, k), dn)
                 ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Qd, s[dn].to(Q.dtype)))
                 keep = state.retire(done, ritz)
                 live = (torch.arange(len(Q), device=Q.device) if live is None else live)[keep.to(Q.device)]
