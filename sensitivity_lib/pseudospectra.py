@@ -454,7 +454,8 @@ def sigma_min_at(
         ``extra["iterations"]`` int64 ``(P,)`` (0 where ``z`` is an eigenvalue to rounding, and
         ``sigma = 0`` there); ``extra["floor"]`` (``eps ||A||_F``) and ``extra["below_floor"]`` bool
         ``(P,)``: where ``sigma_min`` is below the floor, the value reported is the floor (the
-        module docstring, "Round-off").
+        module docstring, "Round-off"; ``nan`` and all False for the SVD);
+        ``extra["eigenvalues"]`` complex128 (from the Schur form, or ``eigvals`` for the SVD).
 
     Example
     -------
@@ -469,7 +470,13 @@ def sigma_min_at(
     with pinned_threads(threads):
         if method == "svd":
             val = _dense_sigma_min(M, pts)
-            return Estimate(val, "exact", method="dense svdvals(zI - A)", norm="2", extra={"points": pts})
+            return Estimate(
+                val, "exact", method="dense svdvals(zI - A)", norm="2",
+                extra={"iterations": torch.zeros(len(pts), dtype=torch.int64), "points": pts,
+                       "tol": tol, "floor": math.nan,
+                       "below_floor": torch.zeros(len(pts), dtype=torch.bool),
+                       "eigenvalues": torch.linalg.eigvals(M)},
+            )  # fmt: skip
         T, _ = schur_form(M, threads=threads)
         solver = _ShiftedTriangular(T)
         run = _inverse_lanczos(solver, pts, None, tol, max_iter, torch.Generator().manual_seed(seed))
@@ -477,7 +484,7 @@ def sigma_min_at(
         run.sigma, "upper", method="Schur + batched inverse Lanczos", norm="2",
         iterations=int(run.iterations.max()), converged=run.converged,
         extra={"iterations": run.iterations, "points": pts, "tol": tol, "floor": solver.floor,
-               "below_floor": run.below_floor},
+               "below_floor": run.below_floor, "eigenvalues": T.diagonal().clone()},
     )  # fmt: skip
 
 
@@ -541,35 +548,20 @@ def sigma_min_grid(
         raise ValueError("re and im must be non-empty 1-D arrays of finite numbers")
     rows, source = _mirror_rows(im_a, symmetry and _is_real(M))
     Z = re_a[None, :] + 1j * im_a[rows, None]  # (len(rows), len(re)): the points computed
-    with pinned_threads(threads):
-        if method == "svd":
-            sig = _dense_sigma_min(M, torch.from_numpy(Z.reshape(-1))).reshape(Z.shape)
-            its = torch.zeros(Z.shape, dtype=torch.int64)
-            conv = torch.ones(Z.shape, dtype=torch.bool)
-            low = torch.zeros(Z.shape, dtype=torch.bool)
-            eig = torch.linalg.eigvals(M)
-            floor = math.nan
-            kind, label = "exact", "dense svdvals(zI - A)"
-        else:
-            T, _ = schur_form(M, threads=threads)
-            eig = T.diagonal().clone()
-            solver = _ShiftedTriangular(T)
-            g = torch.Generator().manual_seed(seed)
-            floor = solver.floor
-            run = _inverse_lanczos(solver, torch.from_numpy(Z.reshape(-1)), None, tol, max_iter, g)
-            sig = run.sigma.reshape(Z.shape)
-            its = run.iterations.reshape(Z.shape)
-            conv = run.converged.reshape(Z.shape)
-            low = run.below_floor.reshape(Z.shape)
-            kind, label = "upper", "Schur + batched inverse Lanczos"
+    e = sigma_min_at(M, Z.reshape(-1), method=method, tol=tol, max_iter=max_iter, threads=threads,
+                     seed=seed)  # fmt: skip
     where = torch.from_numpy(np.searchsorted(rows, source))
-    value, iters, converged = sig[where], its[where], conv[where]
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(Z.shape)[where]
+
+    its = e.extra["iterations"]
     return Estimate(
-        value, kind, method=label, norm="2", iterations=int(its.max()),
-        converged=converged if method == "lanczos" else None,
-        extra={"re": re_a, "im": im_a, "iterations": iters, "eigenvalues": eig,
-               "points_computed": int(Z.size), "tol": tol, "floor": floor,
-               "below_floor": low[where]},
+        grid(e.value), e.kind, method=e.method, norm="2", iterations=int(its.max()),
+        converged=None if e.converged is None else grid(e.converged),
+        extra={"re": re_a, "im": im_a, "iterations": grid(its), "eigenvalues": e.extra["eigenvalues"],
+               "points_computed": int(Z.size), "tol": tol, "floor": e.extra["floor"],
+               "below_floor": grid(e.extra["below_floor"])},
     )  # fmt: skip
 
 
