@@ -418,6 +418,40 @@ def build(recipe: Recipe, classes: Sequence[str], in_channels: int) -> Normalize
     )  # fmt: skip
 
 
+def train_epoch(model, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int,
+                generator: torch.Generator, *, clip: float | None = None, on_step=None) -> tuple[float, int]:
+    """One epoch of the book's minibatch training: a permutation of the samples drawn from
+    ``generator``, then per batch cross-entropy on ``model(x[idx])``, backward, optional gradient-norm
+    clipping (to ``clip``, over the optimiser's parameters) and an optimiser step; ``on_step()`` after
+    each. The caller sets the training mode. Returns the sum of the batch losses weighted by batch
+    size, and the number of samples (their ratio is the epoch's mean loss).
+
+    Example
+    -------
+    >>> net = nn.Linear(4, 3)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> x, y = torch.rand(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    >>> total, n = train_epoch(net, x, y, opt, 4, torch.Generator().manual_seed(0), clip=1.0)
+    >>> n, total > 0
+    (10, True)
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    total, n = 0.0, 0
+    perm = torch.randperm(len(x), generator=generator)
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        total, n = total + loss.item() * len(idx), n + len(idx)
+        if on_step is not None:
+            on_step()
+    return total, n
+
+
 def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple[Normalized, TrainReport]:
     """Train ``recipe`` deterministically on the CPU (Adam, cross-entropy), or load its cached checkpoint.
 
@@ -451,16 +485,8 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
                    mininterval=1.0, **({} if progress else {"disable": True}))  # fmt: skip
         for _epoch in range(recipe.epochs):
             net.train()
-            total, n = 0.0, 0
-            perm = torch.randperm(len(train_set), generator=g)
-            for i in range(0, len(perm), recipe.batch_size):
-                idx = perm[i : i + recipe.batch_size]
-                loss = F.cross_entropy(model(train_set.images[idx]), train_set.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + loss.item() * len(idx), n + len(idx)
-                bar.update(1)
+            total, n = train_epoch(model, train_set.images, train_set.labels, opt, recipe.batch_size, g,
+                                   on_step=lambda: bar.update(1))  # fmt: skip
         bar.close()
     model.eval()
     report = TrainReport(

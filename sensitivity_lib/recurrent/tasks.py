@@ -34,7 +34,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sensitivity_lib import zoo
@@ -185,16 +184,8 @@ def train(recipe: SeqRecipe, *, cache: bool = True, progress: bool = True, monit
         total, n = 0.0, 0
         for epoch in range(recipe.epochs):
             model.train()
-            total, n = 0.0, 0
-            perm = torch.randperm(len(train_set), generator=g)
-            for i in range(0, len(perm), recipe.batch_size):
-                idx = perm[i : i + recipe.batch_size]
-                loss = F.cross_entropy(model(train_set.x[idx]), train_set.y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-                opt.step()
-                total, n = total + loss.item() * len(idx), n + len(idx)
+            total, n = zoo.train_epoch(model, train_set.x, train_set.y, opt, recipe.batch_size, g,
+                                       clip=recipe.clip)  # fmt: skip
             if monitor is not None:
                 model.eval()
                 history.append(monitor(epoch + 1, model))
