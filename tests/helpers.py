@@ -303,3 +303,36 @@ def random_nets(draw, max_blocks: int = 4):
                 m.bias.normal_(0, 1, generator=g)
     net.eval()
     return net, shape
+
+
+# ----------------------------------------------------------------------------------------------
+# fake data files
+
+
+def write_fake_cifar10(root, per_batch=2, seed=0):
+    """A tiny CIFAR-10 in the official python format (``cifar-10-python.tar.gz`` extracted):
+    ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, pickles of dicts
+    with ``data`` ((N, 3072) uint8: red, green, blue planes) and ``labels``. Returns the images
+    (N, 3, 32, 32) uint8 and labels of the training batches, in order."""
+    import pickle
+
+    import numpy as np
+
+    from sensitivity_lib.data import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_x, train_y = [], []
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": x, "labels": y, "filenames": []}, f, protocol=2)
+        if name != "test_batch":
+            train_x.append(x.reshape(-1, 3, 32, 32))
+            train_y += y
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES), "num_vis": 3072}, f, protocol=2)
+    return np.concatenate(train_x), train_y
+
