@@ -68,7 +68,7 @@ def test_full_profile_data_path_on_a_fake_cifar10(tmp_path, monkeypatch):
     ns = run_full_profile_data_path()
     cfg, loss, net = ns["cfg"], ns["loss"], ns["net"]
     assert (cfg.arch, cfg.dataset, cfg.blocks, cfg.width) == ("resnet", "cifar10", 9, 16)
-    # all ten fake training images (the profile asks for 1,000), in batch order, float32 pixels in [0, 1] as float64
+    # all ten fake training images (the profile asks for 1,000), in batch order, as float64
     assert loss.x.shape == (10, 3, 32, 32) and loss.x.dtype == torch.float64
     assert torch.equal(loss.x, (torch.from_numpy(images).float() / 255).double())
     assert torch.equal(ns["labels"], torch.tensor(labels))
