@@ -22,12 +22,14 @@ help:
 	@echo "make launch write what follows from it: every chapter's Colab install cell, binder/requirements.txt"
 
 ## Set-up: a .venv made by uv from the pinned lock, the library in editable mode.
+## --compile-bytecode: uv, unlike pip, writes no .pyc files, and where $PYTHONDONTWRITEBYTECODE is set nothing
+## ever does: every kernel then recompiled torch from source (about 5 s per chapter for torch._dynamo alone).
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) venv $(VENV) --python 3.11 --allow-existing --quiet
-	$(UV) pip sync --quiet --python $(PY) requirements.txt
+	$(UV) pip sync --quiet --compile-bytecode --python $(PY) requirements.txt
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	$(PY) tools/check_env.py
 	@touch $@
@@ -67,7 +69,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab chapters/
 
 bench: setup
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	@status=0; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || status=1; done; exit $$status
 
 ## The tests, in order; each step stops the run when it fails.
 test: setup lint unit notebooks nbval html browser
