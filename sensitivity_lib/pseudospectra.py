@@ -12,8 +12,10 @@ it is used in float64 / complex128.
 
 How ``sigma_min(zI - A)`` is computed on many points (:func:`sigma_min_grid`, :func:`sigma_min_at`)
     EigTool's method (T. G. Wright, EigTool, 2002; L. N. Trefethen, *Computation of pseudospectra*,
-    Acta Numerica 8, 1999): one complex Schur decomposition ``A = Q T Q^H`` (unitary, so
-    ``sigma_min(zI - A) = sigma_min(zI - T)``), then per point the largest eigenvalue
+    Acta Numerica 8, 1999): one Schur decomposition ``A = Q T Q^H`` (unitary, so
+    ``sigma_min(zI - A) = sigma_min(zI - T)``; for a real ``A`` the real Schur form, whose
+    quasi-triangular ``T`` keeps the solves' matrix products in real arithmetic, half the work of
+    complex ones), then per point the largest eigenvalue
     ``1 / sigma_min^2`` of ``(zI - T)^-1 (zI - T)^-H`` by Lanczos
     (:func:`sensitivity_lib.krylov.top_eig`), each product being two triangular solves: ``O(n^2)``
     per point and iteration instead of the ``O(n^3)`` of a dense SVD. Here the grid points are
@@ -179,19 +181,33 @@ def _is_real(A: torch.Tensor) -> bool:
     return not A.is_complex() or bool((A.imag == 0).all())
 
 
-def schur_form(A, *, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The complex Schur form ``A = Q T Q^H``: ``(T, Q)``, complex128, ``T`` upper triangular with the
-    eigenvalues on its diagonal and ``Q`` unitary (SciPy's LAPACK ``gees``, in ``threads`` threads).
+def schur_form(A, *, real: bool = False, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Schur form ``A = Q T Q^H``: ``(T, Q)`` (SciPy's LAPACK ``gees``, in ``threads`` threads).
+
+    By default the complex form: complex128, ``T`` upper triangular with the eigenvalues on its
+    diagonal, ``Q`` unitary. With ``real=True`` and a real ``A``, the real form: float64, ``T``
+    quasi-upper-triangular (a ``2 x 2`` diagonal block per complex conjugate pair of eigenvalues)
+    and ``Q`` orthogonal; this is what :func:`sigma_min_at` and :func:`sigma_min_grid` factor a
+    real matrix with (real arithmetic in their solves).
 
     Example
     -------
     >>> T, Q = schur_form(torch.tensor([[0.0, -1.0], [1.0, 0.0]]))
     >>> sorted(round(v.imag, 12) for v in T.diagonal().tolist())
     [-1.0, 1.0]
+    >>> T, Q = schur_form(torch.tensor([[0.0, -1.0], [1.0, 0.0]]), real=True)
+    >>> T.dtype, bool(T[1, 0] != 0)   # one 2 x 2 block
+    (torch.float64, True)
     """
     import scipy.linalg
 
     M = _matrix(A)
+    if real:
+        if not _is_real(M):
+            raise ValueError("real=True needs a real matrix; use the complex Schur form (real=False)")
+        with pinned_threads(threads):
+            T, Q = scipy.linalg.schur(M.real.numpy().astype(np.float64), output="real")
+        return torch.from_numpy(np.ascontiguousarray(T)), torch.from_numpy(np.ascontiguousarray(Q))
     with pinned_threads(threads):
         T, Q = scipy.linalg.schur(M.numpy().astype(np.complex128), output="complex")
     return torch.from_numpy(np.triu(T)), torch.from_numpy(Q)
@@ -202,71 +218,150 @@ def schur_form(A, *, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _ShiftedTriangular:
-    """``(zI - T)^-1`` and ``(zI - T)^-H`` for a batch of shifts ``z`` and one upper triangular ``T``.
+    """``(zI - T)^-1`` and ``(zI - T)^-H`` for a batch of shifts ``z`` and one Schur factor ``T``:
+    complex upper triangular, or real quasi-upper-triangular (the real Schur form of a real matrix,
+    with ``2 x 2`` diagonal blocks for its complex conjugate eigenvalue pairs).
 
-    Vectors are columns of an ``(n, B)`` array, one column per shift. The substitution is recursive:
-    for ``T = [[T11, T12], [0, T22]]`` the upper solve is ``x2 = solve(T22 part)``, then
+    Vectors are columns of an ``(n, B)`` complex array, one column per shift. The substitution is
+    recursive: for ``T = [[T11, T12], [0, T22]]`` the upper solve is ``x2 = solve(T22 part)``, then
     ``x1 = solve(T11 part, y1 + T12 x2)``: the coupling ``T12 x2`` is one matrix product for all
-    shifts (``T12`` does not depend on ``z``). Diagonal blocks of at most ``_LEAF`` rows are solved
-    row by row (the only place where ``z`` enters: ``1 / (z - T_ii)``).
+    shifts (``T12`` does not depend on ``z``). For a real ``T`` that product runs in real
+    arithmetic on the real view of the complex vectors (``(n, 2B)``), half the work of a complex
+    one: for a real ``A`` the real Schur form made the solves about a third faster than the complex
+    one. Diagonal blocks of at most ``_LEAF`` rows are solved block row by block row, the only place
+    where ``z`` enters: ``(z - T_ii)^-1``, or the inverse of a ``2 x 2`` block ``z I - T_II``.
     """
 
     def __init__(self, T: torch.Tensor) -> None:
         self.T = T
         self.n = T.shape[0]
+        self.real = not T.is_complex()
+        sub = T.diagonal(-1) if self.n > 1 else T.new_zeros(0)
+        if self.real:
+            # 2 x 2 blocks where the subdiagonal is non-zero (LAPACK's standardised real Schur form)
+            starts, i = [], 0
+            while i < self.n:
+                size = 2 if i + 1 < self.n and sub[i] != 0 else 1
+                starts.append((i, size))
+                i += size
+        else:
+            starts = [(i, 1) for i in range(self.n)]
+        self.blocks = starts
+        self.block_of = {b0: size for b0, size in starts}
         self.diag = T.diagonal().clone()
+        self.eigenvalues = self._eigenvalues()
         self.tree = self._build(0, self.n)
         # below this, sigma_min(zI - A) is not determined by float64 data: the Schur factorisation
         # alone is exact only for a perturbation of A of about this size (backward stability)
         self.floor = float(torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(T))
 
+    def _eigenvalues(self) -> torch.Tensor:
+        lam = self.diag.to(torch.complex128).clone()
+        for b0, size in self.blocks:
+            if size == 2:
+                a, b = self.T[b0, b0], self.T[b0, b0 + 1]
+                c, d = self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
+                mid = complex(a + d) / 2
+                root = complex((a - d) ** 2 / 4 + b * c) ** 0.5
+                lam[b0], lam[b0 + 1] = mid + root, mid - root
+        return lam
+
+    def _split(self, lo: int, hi: int) -> int:
+        mid = (lo + hi) // 2
+        if mid not in self.block_of:  # never split a 2 x 2 block
+            mid += 1
+        return mid
+
     def _build(self, lo: int, hi: int):
         if hi - lo <= _LEAF:
+            blocks = [(b0 - lo, size) for b0, size in self.blocks if lo <= b0 < hi]
             blk = self.T[lo:hi, lo:hi]
-            cols = [blk[:i, i].clone()[:, None] for i in range(hi - lo)]  # above the diagonal, column i
-            rows = [blk[:i, i].conj().clone()[None, :] for i in range(hi - lo)]  # the same, for T^H
-            return ("leaf", lo, hi, cols, rows)
-        mid = (lo + hi) // 2
+            cols = [blk[:b0, b0 : b0 + size].clone() for b0, size in blocks]  # above each block
+            rows = [blk[:b0, b0 : b0 + size].mH.contiguous() for b0, size in blocks]  # for T^H
+            return ("leaf", lo, hi, blocks, cols, rows)
+        mid = self._split(lo, hi)
         T12 = self.T[lo:mid, mid:hi]
         return ("node", mid - lo, self._build(lo, mid), self._build(mid, hi), T12.contiguous(),
                 T12.mH.contiguous())  # fmt: skip
 
     def inverse_diagonal(self, z: torch.Tensor) -> torch.Tensor:
-        """``1 / (z_b - T_ii)`` as ``(n, B)``."""
-        return (1.0 / (z[None, :] - self.diag[:, None])).contiguous()
+        """The inverses of the diagonal blocks of ``z_b I - T`` as ``(2, n, B)``: row ``i`` of
+        ``x = (zI - T)_II^-1 y`` is ``x_i = D[0, i] y_i + D[1, i] y_p`` with ``p`` the other row of
+        ``i``'s ``2 x 2`` block (``D[1, i] = 0`` for a ``1 x 1`` block)."""
+        out = torch.zeros(2, self.n, len(z), dtype=torch.complex128)
+        out[0] = 1.0 / (z[None, :] - self.diag[:, None])
+        for b0, size in self.blocks:
+            if size == 2:
+                a, b = self.T[b0, b0], self.T[b0, b0 + 1]
+                c, d = self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
+                det = (z - a) * (z - d) - b * c
+                # [[z - a, -b], [-c, z - d]]^-1 = [[z - d, b], [c, z - a]] / det
+                out[0, b0], out[1, b0] = (z - d) / det, b / det
+                out[0, b0 + 1], out[1, b0 + 1] = (z - a) / det, c / det
+        return out
+
+    def _adjoint_diagonal(self, dinv: torch.Tensor) -> torch.Tensor:
+        """The same data for the blocks' conjugate transposes (``(zI - T)^-H``)."""
+        out = dinv.conj().resolve_conj()  # a copy (conj() alone is a view of dinv)
+        for b0, size in self.blocks:
+            if size == 2:  # the off-diagonal entries swap
+                out[1, b0], out[1, b0 + 1] = dinv[1, b0 + 1].conj(), dinv[1, b0].conj()
+        return out
+
+    def _addmm(self, out: torch.Tensor, M: torch.Tensor, x: torch.Tensor) -> None:
+        """``out += M x`` for complex ``(., B)`` rows; ``M`` real uses the real view (half the work)."""
+        if self.real:
+            torch.view_as_real(out).flatten(1).addmm_(M, torch.view_as_real(x).flatten(1))
+        else:
+            out.addmm_(M, x)
+
+    @staticmethod
+    def _block_solve(dinv: torch.Tensor, y: torch.Tensor, b0: int, size: int) -> None:
+        """``y[I] <- D_I y[I]`` for the block at ``b0`` (rows of the block's local data ``dinv``)."""
+        if size == 1:
+            y[b0].mul_(dinv[0, b0])
+            return
+        yb = y[b0 : b0 + 2]
+        other = yb.flip(0)  # a copy: the rows swapped
+        yb.mul_(dinv[0, b0 : b0 + 2]).addcmul_(dinv[1, b0 : b0 + 2], other)
 
     def _upper(self, node, dinv: torch.Tensor, y: torch.Tensor) -> None:
         """``y <- (zI - T)^-1 y`` in place; ``dinv`` the rows of this block."""
         if node[0] == "leaf":
-            _, lo, hi, cols, _ = node
-            for i in range(hi - lo - 1, -1, -1):
-                y[i].mul_(dinv[i])
-                if i:  # (zI - T) x = y: the rows above receive +T[:i, i] x_i
-                    y[:i].addmm_(cols[i], y[i : i + 1])
+            _, _, _, blocks, cols, _ = node
+            # the rank updates on the real view of y when T is real (one view for the whole leaf)
+            yv = torch.view_as_real(y).flatten(1) if self.real else y
+            for (b0, size), col in zip(reversed(blocks), reversed(cols), strict=True):
+                self._block_solve(dinv, y, b0, size)
+                if b0:  # (zI - T) x = y: the rows above receive +T[:b0, I] x_I
+                    yv[:b0].addmm_(col, yv[b0 : b0 + size])
             return
         _, m, first, second, T12, _ = node
-        self._upper(second, dinv[m:], y[m:])
-        y[:m].addmm_(T12, y[m:])
-        self._upper(first, dinv[:m], y[:m])
+        self._upper(second, dinv[:, m:], y[m:])
+        self._addmm(y[:m], T12, y[m:])
+        self._upper(first, dinv[:, :m], y[:m])
 
-    def _lower_h(self, node, dinvc: torch.Tensor, v: torch.Tensor) -> None:
+    def _lower_h(self, node, dinvh: torch.Tensor, v: torch.Tensor) -> None:
         """``v <- (zI - T)^-H v`` in place (forward substitution with ``conj(z) I - T^H``)."""
         if node[0] == "leaf":
-            _, lo, hi, _, rows = node
-            for i in range(hi - lo):
-                if i:
-                    v[i : i + 1].addmm_(rows[i], v[:i])
-                v[i].mul_(dinvc[i])
+            _, _, _, blocks, _, rows = node
+            vv = torch.view_as_real(v).flatten(1) if self.real else v
+            for (b0, size), row in zip(blocks, rows, strict=True):
+                if b0:
+                    vv[b0 : b0 + size].addmm_(row, vv[:b0])
+                self._block_solve(dinvh, v, b0, size)
             return
         _, m, first, second, _, T12h = node
-        self._lower_h(first, dinvc[:m], v[:m])
-        v[m:].addmm_(T12h, v[:m])
-        self._lower_h(second, dinvc[m:], v[m:])
+        self._lower_h(first, dinvh[:, :m], v[:m])
+        self._addmm(v[m:], T12h, v[:m])
+        self._lower_h(second, dinvh[:, m:], v[m:])
 
-    def gram_inverse(self, dinv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def gram_inverse(
+        self, dinv: torch.Tensor, v: torch.Tensor, dinvh: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(zI - T)^-1 (zI - T)^-H v`` for complex rows ``v`` of shape ``(B, n)``."""
         x = v.T.clone(memory_format=torch.contiguous_format)  # a copy even when v.T is contiguous
-        self._lower_h(self.tree, dinv.conj(), x)
+        self._lower_h(self.tree, self._adjoint_diagonal(dinv) if dinvh is None else dinvh, x)
         self._upper(self.tree, dinv, x)
         return x.T
 
@@ -279,7 +374,7 @@ class _ShiftedTriangular:
         dinv = self.inverse_diagonal(z)
         x = v.T.clone(memory_format=torch.contiguous_format)
         nv = torch.linalg.vector_norm(x, dim=0)
-        self._lower_h(self.tree, dinv.conj(), x)
+        self._lower_h(self.tree, self._adjoint_diagonal(dinv), x)
         sx = x.abs().amax(0).clamp_min(1e-300)  # scale before the norms: entries reach 1/sigma_min
         x = x / sx
         nx = torch.linalg.vector_norm(x, dim=0)
@@ -301,26 +396,34 @@ class _ShiftedTriangular:
         while the iteration's own vector work runs in real arithmetic (torch's batched complex
         products with conjugates were 3-30x slower on the CPU).
         """
-        return self._operator(z, self.inverse_diagonal(z))
+        dinv = self.inverse_diagonal(z)
+        return self._operator(z, dinv, self._adjoint_diagonal(dinv))
 
-    def _operator(self, z: torch.Tensor, dinv: torch.Tensor) -> LinearOperator:
+    def _operator(self, z: torch.Tensor, dinv: torch.Tensor, dinvh: torch.Tensor) -> LinearOperator:
         n = self.n
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            y = self.gram_inverse(dinv, torch.view_as_complex(v.reshape(len(v), n, 2)))
+            y = self.gram_inverse(dinv, torch.view_as_complex(v.reshape(len(v), n, 2)), dinvh)
             return torch.view_as_real(y).reshape(len(v), 2 * n)
 
         def restrict(idx: torch.Tensor) -> LinearOperator:
-            return self._operator(z[idx], dinv[:, idx].contiguous())
+            return self._operator(z[idx], dinv[:, :, idx].contiguous(), dinvh[:, :, idx].contiguous())
 
         return LinearOperator(
             matvec, None, in_shape=(2 * n,), batch=len(z), dtype=torch.float64, restrict=restrict
         )
 
 
+def _schur_solver(M: torch.Tensor, threads: int = 1) -> _ShiftedTriangular:
+    """The solver on the Schur form of ``M``: the real Schur form when ``M`` is real (real
+    arithmetic in the solves' matrix products), the complex one otherwise."""
+    return _ShiftedTriangular(schur_form(M, real=_is_real(M), threads=threads)[0])
+
+
 def inverse_gram_operator(T: torch.Tensor, z) -> LinearOperator:
     """The batch of Hermitian maps ``v -> (z_b I - T)^-1 (z_b I - T)^-H v``, one per point ``z_b``,
-    for an upper triangular ``T`` (the Schur factor of :func:`schur_form`), as a restrictable
+    for a Schur factor ``T`` of :func:`schur_form` (complex upper triangular, or real
+    quasi-upper-triangular from ``schur_form(A, real=True)``), as a restrictable
     :class:`~sensitivity_lib.krylov.LinearOperator` on the real view of ``C^n`` (``R^2n``, real and
     imaginary parts interleaved). Its largest eigenvalue is ``1 / sigma_min(z_b I - T)^2``; one
     application costs one pair of triangular solves per point, batched (the module docstring).
@@ -336,6 +439,12 @@ def inverse_gram_operator(T: torch.Tensor, z) -> LinearOperator:
     """
     if not isinstance(T, torch.Tensor) or T.dim() != 2 or T.shape[0] != T.shape[1]:
         raise ValueError("T must be a square (upper triangular) torch tensor, e.g. from schur_form")
+    if not T.is_complex():
+        Tr = T.detach().to(torch.float64)
+        sub = Tr.diagonal(-1) != 0
+        if not bool((torch.tril(Tr, -2) == 0).all()) or bool((sub[1:] & sub[:-1]).any()):
+            raise ValueError("a real T must be quasi-upper-triangular (use schur_form(A, real=True)[0])")
+        return _ShiftedTriangular(Tr).operator(_points(z))
     Tc = T.detach().to(torch.complex128)
     if not bool((torch.tril(Tc, -1) == 0).all()):
         raise ValueError("T must be upper triangular (use schur_form(A)[0])")
@@ -371,8 +480,8 @@ def _inverse_lanczos(
     converged = torch.ones(P, dtype=torch.bool)
     below = torch.zeros(P, dtype=torch.bool)
     # a shift on an eigenvalue (to rounding) is singular: sigma_min = 0 exactly there
-    scale = float(solver.diag.abs().max()) + 1.0
-    gap = (z[:, None] - solver.diag[None, :]).abs().amin(1)
+    scale = float(solver.eigenvalues.abs().max()) + 1.0
+    gap = (z[:, None] - solver.eigenvalues[None, :]).abs().amin(1)
     live = torch.nonzero(gap > 64 * torch.finfo(torch.float64).eps * scale).flatten()
     if len(live):
         probe = torch.randn(len(live), n, dtype=torch.complex128, generator=generator)
@@ -477,14 +586,13 @@ def sigma_min_at(
                        "below_floor": torch.zeros(len(pts), dtype=torch.bool),
                        "eigenvalues": torch.linalg.eigvals(M)},
             )  # fmt: skip
-        T, _ = schur_form(M, threads=threads)
-        solver = _ShiftedTriangular(T)
+        solver = _schur_solver(M, threads)
         run = _inverse_lanczos(solver, pts, None, tol, max_iter, torch.Generator().manual_seed(seed))
     return Estimate(
         run.sigma, "upper", method="Schur + batched inverse Lanczos", norm="2",
         iterations=int(run.iterations.max()), converged=run.converged,
         extra={"iterations": run.iterations, "points": pts, "tol": tol, "floor": solver.floor,
-               "below_floor": run.below_floor, "eigenvalues": T.diagonal().clone()},
+               "below_floor": run.below_floor, "eigenvalues": solver.eigenvalues},
     )  # fmt: skip
 
 
@@ -576,10 +684,9 @@ class _Resolvent:
         self.A = A
         self.threads = threads
         with pinned_threads(threads):
-            T, _ = schur_form(A, threads=threads)
+            self.solver = _schur_solver(A, threads)
             self.norm = float(torch.linalg.matrix_norm(A, ord=2))
-        self.eig = T.diagonal().clone()
-        self.solver = _ShiftedTriangular(T)
+        self.eig = self.solver.eigenvalues
         self.tol, self.max_iter = tol, max_iter
         self.generator = torch.Generator().manual_seed(seed)
         self.evaluations = 0

@@ -426,3 +426,19 @@ def test_problems_that_leave_do_not_restart_the_others():
     assert torch.allclose(batch.value, torch.cat([a.value for a in alone]), rtol=1e-13)
     assert torch.allclose(batch.value, torch.linalg.eigvalsh(H)[:, -1], rtol=1e-11)
     assert len(set(batch.iterations.tolist())) > 1  # they did leave at different steps
+
+
+def test_large_batches_take_the_secular_path_and_agree_with_lapack():
+    # from 64 problems on, the top Ritz value comes from the secular equation (no eigh per step);
+    # the same problems in batches of 32 take LAPACK's eigh: values and iteration counts agree
+    mats = torch.stack([_psd(30, 100 + b) for b in range(96)])
+    v0 = _start((96, 30), 5)
+    big = top_eig(LinearOperator.from_matrix(mats), v0, tol=1e-12, max_iter=200)
+    small = [top_eig(LinearOperator.from_matrix(mats[s : s + 32]), v0[s : s + 32], tol=1e-12, max_iter=200)
+             for s in range(0, 96, 32)]  # fmt: skip
+    exact = torch.linalg.eigvalsh(mats)[:, -1]
+    assert bool(big.converged.all())
+    assert torch.allclose(big.value, exact, rtol=1e-11)
+    assert torch.allclose(big.value, torch.cat([r.value for r in small]), rtol=1e-13)
+    its = torch.cat([r.iterations for r in small])
+    assert int((big.iterations - its).abs().max()) <= 1

@@ -257,3 +257,23 @@ def test_plot_draws_contours_eigenvalues_and_circle():
     cs = ps.plot_pseudospectrum(ax, e, levels=(-1, -0.5))
     assert len(cs.levels) == 2 and len(ax.lines) == 2
     plt.close(fig)
+
+
+def test_real_schur_form_and_its_inverse_gram_operator_match_dense():
+    # a real matrix with complex eigenvalue pairs: the real Schur factor is quasi-triangular
+    # (2 x 2 blocks); the solves on it give the same inverse Gram maps as dense inverses
+    A = torch.from_numpy(np.random.default_rng(7).standard_normal((37, 37)))
+    T, Q = ps.schur_form(A, real=True)
+    assert T.dtype == torch.float64 and int((T.diagonal(-1) != 0).sum()) >= 5
+    assert torch.allclose(Q @ T @ Q.T, A, atol=1e-12)
+    z = torch.tensor([0.3 + 0.2j, -1.1 + 0.5j, 2.0 - 0.1j], dtype=torch.complex128)
+    op = ps.inverse_gram_operator(T, z)
+    v = torch.randn(3, 74, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = torch.view_as_complex(op.matvec(v).reshape(3, 37, 2))
+    eye = torch.eye(37, dtype=torch.complex128)
+    for b in range(3):
+        R = torch.linalg.inv(z[b] * eye - T.to(torch.complex128))
+        want = R @ R.mH @ torch.view_as_complex(v[b].reshape(37, 2))
+        assert torch.allclose(got[b], want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="quasi-upper-triangular"):
+        ps.inverse_gram_operator(torch.triu(torch.ones(4, 4)) + torch.diag(torch.ones(3), -1), z)
