@@ -7,7 +7,8 @@ Its modules::
 
     lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
     local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
-                  product; where the network is not differentiable
+                  product; Skeel's componentwise condition number; where the network is not
+                  differentiable
     approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
     perturbation  random and gradient directions, observed amplification, the smallest flipping step
     precision     rounding to fewer bits, and the input bit-width a condition number predicts
@@ -26,6 +27,7 @@ from sensitivity_lib.condition.lipschitz import (
     lipschitz_product,
 )
 from sensitivity_lib.condition.local import (
+    componentwise_condition,
     jacobian_norm,
     jacobian_operator,
     kink_fractions,
@@ -49,6 +51,7 @@ __all__ = [
     "approximate_condition",
     "certified_layer_norm",
     "clever_l2",
+    "componentwise_condition",
     "global_condition",
     "gradient_direction",
     "jacobian_norm",
