@@ -27,8 +27,8 @@ The map of the package::
 No module imports another's private (underscore) names; a subpackage's ``_`` modules are its own.
 """
 
-from sensitivity_lib.profiles import PROFILES, seed_everything, setup
+from sensitivity_lib.profiles import PROFILES, glue_all, seed_everything, setup
 from sensitivity_lib.results import Estimate
 
-__all__ = ["Estimate", "PROFILES", "seed_everything", "setup"]
+__all__ = ["Estimate", "PROFILES", "glue_all", "seed_everything", "setup"]
 __version__ = "0.1.0"
