@@ -763,6 +763,7 @@ def _top_ritz_value(
     decoupled = b2[:, -1] == 0
     theta = torch.where(decoupled, torch.maximum(mu, a[:, -1]), x)
     done = decoupled.clone()
+    tiny = 4 * eps * mu.abs().clamp_min(1e-300)  # a zero closer to mu than this is mu
     for _ in range(100):
         if bool(done.all()):
             break
@@ -782,7 +783,6 @@ def _top_ritz_value(
         g = d + gap - c / gap
         root = torch.sqrt(g * g + 4.0 * c)
         t = torch.where(g > 0, 0.5 * (g + root), 2.0 * c / (root - g).clamp_min(1e-300))
-        tiny = 4 * eps * mu.abs().clamp_min(1e-300)
         at_mu = finite & (t <= tiny)  # the zero is mu, to rounding
         model = mu + t
         scale = model.abs().clamp_min(1e-300)
@@ -807,7 +807,6 @@ def _top_ritz_value(
         x = torch.where(done, x, new)
     else:
         raise RuntimeError("Lanczos: the top Ritz value did not converge in 100 bracketed steps")
-    theta = torch.where(theta - mu <= 4 * eps * mu.abs(), torch.maximum(theta, mu), theta)
     return theta, _last_component_sq(a, b, theta, decoupled & (a[:, -1] > mu), decoupled)
 
 
@@ -947,6 +946,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             omega_prev, omega = omega, omega_next
             beta[:, j] = wn
             k = j + 1
+            s = None  # T_k's top eigenvectors, when this step computed them
             if j == 0:
                 theta, sk2 = alpha[:, 0].clone(), torch.ones_like(wn)
             elif len(wn) < _SECULAR_BATCH:  # a few problems: LAPACK per matrix is cheaper
@@ -966,7 +966,8 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             done = state.decide(*_decide(hist, tol, up, invariant, basis=m))
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
-                _, s = _tridiagonal_top(alpha, beta, k)
+                if s is None:
+                    _, s = _tridiagonal_top(alpha, beta, k)
                 ritz, _ = _normalise(torch.einsum("bkn,bk->bn", _basis(Q, live, slice(0, k)), s.to(Q.dtype)))
                 if stop:
                     state.store(torch.arange(ritz.shape[0]), ritz)
@@ -979,8 +980,8 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
                 ritz = torch.zeros_like(w)
                 dn = torch.nonzero(done).flatten()
                 Qd = _basis(Q, live, slice(0, k), dn)
-                _, s = _tridiagonal_top(alpha[dn], beta[dn], k)
-                ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Qd, s.to(Q.dtype)))
+                sd = _tridiagonal_top(alpha[dn], beta[dn], k)[1] if s is None else s[dn]
+                ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Qd, sd.to(Q.dtype)))
                 keep = state.retire(done, ritz)
                 live = (torch.arange(len(Q), device=Q.device) if live is None else live)[keep.to(Q.device)]
                 alpha, beta = alpha[keep], beta[keep]
