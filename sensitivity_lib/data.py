@@ -272,18 +272,24 @@ def imagenet_samples(size: int = 224, *, extra: bool = True) -> ImageSet:
 # Full-scale data: only from a root the user supplies. Nothing is downloaded.
 
 
+def _user_root(root, env: str, what: str) -> Path:
+    """The data root the user gave (``root``, else ``$env``), or a ``FileNotFoundError`` saying how to
+    give one; ``what`` names the data set and what the root must hold."""
+    root = root or os.environ.get(env)
+    if not root:
+        raise FileNotFoundError(
+            f"no data root given for {what}: pass root=... or set ${env} to the folder that holds it "
+            "(see the README, 'Full scale'). This book never downloads data at run time."
+        )
+    return Path(root).expanduser()
+
+
 def _torchvision_dataset(cls_name: str, root, env: str, train: bool, what: str, how: str):
     """Open ``torchvision.datasets.<cls_name>`` from a user-supplied root, never downloading; a missing
     root or missing files raise a ``FileNotFoundError`` that says what to put where (``how``)."""
     import torchvision.datasets
 
-    root = root or os.environ.get(env)
-    if not root:
-        raise FileNotFoundError(
-            f"no data root given for {what}: pass root=... or set ${env} to the folder that holds the "
-            "data (see the README, 'Full scale')"
-        )
-    root = Path(root).expanduser()
+    root = _user_root(root, env, what)
     try:
         return getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False), root
     except RuntimeError as err:
@@ -341,13 +347,8 @@ def cifar10(root: str | os.PathLike | None = None, train: bool = True) -> ImageS
     how = (f"Extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) so that "
            f"<root>/{CIFAR10_FOLDER} holds {', '.join(files)}, and pass root=<root> or set "
            "$CIFAR10_ROOT=<root>")  # fmt: skip
-    root = root or os.environ.get("CIFAR10_ROOT")
-    if not root:
-        raise FileNotFoundError(
-            f"no data root given for CIFAR-10 (it needs {CIFAR10_FOLDER}/{files[0]}): {how} (see the "
-            "README, 'Full scale'). This book never downloads data at run time."
-        )
-    root = Path(root).expanduser()
+    root = _user_root(root, "CIFAR10_ROOT", f"CIFAR-10 (<root>/{CIFAR10_FOLDER}/{files[0]} and the other "
+                      "batches, extracted from cifar-10-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html)")
     images, labels = [], []
     for name in files:
         path = root / CIFAR10_FOLDER / name
@@ -389,10 +390,7 @@ def imagenet_folder(root: str | os.PathLike | None = None, size: int = 224):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    root = root or os.environ.get("IMAGENET_VAL")
-    if not root:
-        raise FileNotFoundError("no data root given for ImageNet: pass root=... or set $IMAGENET_VAL")
-    root = Path(root).expanduser()
+    root = _user_root(root, "IMAGENET_VAL", "the ImageNet validation set (<root>/<wnid>/<file>.JPEG)")
     if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
         raise FileNotFoundError(
             f"An ImageNet validation tree was not found under {str(root)!r}. This book never downloads "
