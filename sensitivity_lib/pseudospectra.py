@@ -255,12 +255,15 @@ class _ShiftedTriangular:
         # alone is exact only for a perturbation of A of about this size (backward stability)
         self.floor = float(torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(T))
 
+    def _pair(self, b0: int) -> tuple[torch.Tensor, ...]:
+        """The entries ``a, b, c, d`` of the ``2 x 2`` diagonal block ``[[a, b], [c, d]]`` at ``b0``."""
+        return self.T[b0, b0], self.T[b0, b0 + 1], self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
+
     def _eigenvalues(self) -> torch.Tensor:
         lam = self.diag.to(torch.complex128).clone()
         for b0, size in self.blocks:
             if size == 2:
-                a, b = self.T[b0, b0], self.T[b0, b0 + 1]
-                c, d = self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
+                a, b, c, d = self._pair(b0)
                 mid = complex(a + d) / 2
                 root = complex((a - d) ** 2 / 4 + b * c) ** 0.5
                 lam[b0], lam[b0 + 1] = mid + root, mid - root
@@ -292,8 +295,7 @@ class _ShiftedTriangular:
         out[0] = 1.0 / (z[None, :] - self.diag[:, None])
         for b0, size in self.blocks:
             if size == 2:
-                a, b = self.T[b0, b0], self.T[b0, b0 + 1]
-                c, d = self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
+                a, b, c, d = self._pair(b0)
                 det = (z - a) * (z - d) - b * c
                 # [[z - a, -b], [-c, z - d]]^-1 = [[z - d, b], [c, z - a]] / det
                 out[0, b0], out[1, b0] = (z - d) / det, b / det
