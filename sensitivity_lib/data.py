@@ -184,13 +184,28 @@ def cifar10_test20() -> ImageSet:
 
 
 def digits8x8() -> ImageSet:
-    """scikit-learn's 1,797 UCI handwritten digits, (1797, 1, 8, 8) in [0, 1]. Not MNIST."""
+    """scikit-learn's 1,797 UCI handwritten digits, (1797, 1, 8, 8) in [0, 1]. Not MNIST.
+
+    Read from the file that ``sklearn.datasets.load_digits`` reads, without importing scikit-learn
+    (seconds per process); through ``load_digits`` where that file is not found.
+    """
+    table = _digits_table()
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0).unsqueeze(1)
+    return ImageSet(images, torch.from_numpy(table[:, -1].astype(np.int64)), MNIST_CLASSES,
+                    "UCI digits 8x8", source="scikit-learn")  # fmt: skip
+
+
+def _digits_table() -> np.ndarray:
+    """The (1797, 65) table of the digits: 64 pixel values in 0..16, then the label."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",")
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return ImageSet(images, torch.from_numpy(d.target.astype(np.int64)), MNIST_CLASSES,
-                    "UCI digits 8x8", source="scikit-learn")  # fmt: skip
+    return np.column_stack([d.data, d.target])
 
 
 def imagenet_classes() -> list[str]:
@@ -257,18 +272,24 @@ def imagenet_samples(size: int = 224, *, extra: bool = True) -> ImageSet:
 # Full-scale data: only from a root the user supplies. Nothing is downloaded.
 
 
+def _user_root(root, env: str, what: str) -> Path:
+    """The data root the user gave (``root``, else ``$env``), or a ``FileNotFoundError`` saying how to
+    give one; ``what`` names the data set and what the root must hold."""
+    root = root or os.environ.get(env)
+    if not root:
+        raise FileNotFoundError(
+            f"no data root given for {what}: pass root=... or set ${env} to the folder that holds it "
+            "(see the README, 'Full scale'). This book never downloads data at run time."
+        )
+    return Path(root).expanduser()
+
+
 def _torchvision_dataset(cls_name: str, root, env: str, train: bool, what: str, how: str):
     """Open ``torchvision.datasets.<cls_name>`` from a user-supplied root, never downloading; a missing
     root or missing files raise a ``FileNotFoundError`` that says what to put where (``how``)."""
     import torchvision.datasets
 
-    root = root or os.environ.get(env)
-    if not root:
-        raise FileNotFoundError(
-            f"no data root given for {what}: pass root=... or set ${env} to the folder that holds the "
-            "data (see the README, 'Full scale')"
-        )
-    root = Path(root).expanduser()
+    root = _user_root(root, env, what)
     try:
         return getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False), root
     except RuntimeError as err:
@@ -291,15 +312,72 @@ def mnist(root: str | os.PathLike | None = None, train: bool = True) -> ImageSet
                     source=str(root))  # fmt: skip
 
 
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{k}" for k in range(1, 6))
+CIFAR10_TEST_FILES: tuple[str, ...] = ("test_batch",)
+
+
 def cifar10(root: str | os.PathLike | None = None, train: bool = True) -> ImageSet:
-    """Full CIFAR-10 through ``torchvision.datasets.CIFAR10`` from ``root`` (or ``$CIFAR10_ROOT``),
-    which must hold the extracted ``cifar-10-batches-py`` folder. Never downloads."""
-    ds, root = _torchvision_dataset(
-        "CIFAR10", root, "CIFAR10_ROOT", train, "CIFAR-10",
-        "Extract cifar-10-python.tar.gz so that {root}/cifar-10-batches-py holds data_batch_1..5 "
-        "and test_batch.",
-    )  # fmt: skip
-    return ImageSet(_to_tensor(ds.data), torch.tensor(ds.targets), CIFAR10_CLASSES,
+    """Full CIFAR-10 (50,000 train / 10,000 test) from ``root`` (or ``$CIFAR10_ROOT``), which must
+    hold the extracted ``cifar-10-batches-py`` folder of the official python version
+    (``cifar-10-python.tar.gz``). Never downloads.
+
+    Reads the batch files (``data_batch_1`` .. ``data_batch_5``, or ``test_batch``: pickles of a dict
+    with ``data``, ``(N, 3072)`` uint8 rows of the red, green and blue 32x32 planes, and ``labels``)
+    directly, in that order, as ``torchvision.datasets.CIFAR10`` does, but without its MD5 check;
+    the shapes and labels are checked instead. A missing root or file raises a
+    ``FileNotFoundError`` that names it and says where to put it.
+
+    Example (a fake one-image test batch in the official format):
+
+    >>> import pickle, tempfile
+    >>> from pathlib import Path
+    >>> root = Path(tempfile.mkdtemp())
+    >>> (root / "cifar-10-batches-py").mkdir()
+    >>> batch = {"data": np.full((1, 3072), 255, np.uint8), "labels": [3]}
+    >>> with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+    ...     pickle.dump(batch, f, protocol=2)
+    >>> ds = cifar10(root, train=False)
+    >>> tuple(ds.images.shape), ds.labels.tolist(), float(ds.images.max()), ds.classes[3]
+    ((1, 3, 32, 32), [3], 1.0, 'cat')
+    """
+    import pickle
+
+    files = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
+    how = (f"Extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) so that "
+           f"<root>/{CIFAR10_FOLDER} holds {', '.join(files)}, and pass root=<root> or set "
+           "$CIFAR10_ROOT=<root>")  # fmt: skip
+    root = _user_root(root, "CIFAR10_ROOT", f"CIFAR-10 (<root>/{CIFAR10_FOLDER}/{files[0]} and the other "
+                      "batches, extracted from cifar-10-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html)")
+    images, labels = [], []
+    for name in files:
+        path = root / CIFAR10_FOLDER / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"CIFAR-10 file {str(path)!r} is missing (root {str(root)!r}). {how}. This book never "
+                "downloads data at run time."
+            )
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            x = np.asarray(batch["data"], dtype=np.uint8)
+            y = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+        except Exception as err:  # truncated file, wrong pickle, missing keys
+            raise ValueError(
+                f"{str(path)!r} is not a CIFAR-10 python batch (a pickled dict with 'data' and "
+                f"'labels'): {err}. Extract it again from cifar-10-python.tar.gz"
+            ) from err
+        if x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),) or len(x) == 0:
+            raise ValueError(
+                f"{str(path)!r}: expected 'data' of shape (N, 3072) and N 'labels', got "
+                f"{x.shape} and {y.shape}. Extract it again from cifar-10-python.tar.gz"
+            )
+        if y.min() < 0 or y.max() >= len(CIFAR10_CLASSES):
+            raise ValueError(f"{str(path)!r}: labels outside 0..9 (min {y.min()}, max {y.max()})")
+        images.append(x)
+        labels.append(y)
+    x = torch.from_numpy(np.concatenate(images).reshape(-1, 3, 32, 32)).float() / 255.0
+    return ImageSet(x, torch.from_numpy(np.concatenate(labels)), CIFAR10_CLASSES,
                     f"CIFAR-10 {'train' if train else 'test'}", source=str(root))  # fmt: skip
 
 
@@ -312,10 +390,7 @@ def imagenet_folder(root: str | os.PathLike | None = None, size: int = 224):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    root = root or os.environ.get("IMAGENET_VAL")
-    if not root:
-        raise FileNotFoundError("no data root given for ImageNet: pass root=... or set $IMAGENET_VAL")
-    root = Path(root).expanduser()
+    root = _user_root(root, "IMAGENET_VAL", "the ImageNet validation set (<root>/<wnid>/<file>.JPEG)")
     if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
         raise FileNotFoundError(
             f"An ImageNet validation tree was not found under {str(root)!r}. This book never downloads "

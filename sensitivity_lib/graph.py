@@ -432,7 +432,7 @@ class Rule:
     """An operation the walker understands: how to read its node, and its three rules.
 
     Subclasses set ``op`` and override :meth:`build` (read the node and add steps through the
-    :class:`_Builder`) and, where the default does not hold, :meth:`local` and :meth:`kinks`.
+    ``_Builder``) and, where the default does not hold, :meth:`local` and :meth:`kinks`.
     Register one instance with :func:`register` for every module type, function and tensor-method
     name that performs the operation.
     """

@@ -246,8 +246,9 @@ def conv_operator(
 
     Returns
     -------
-    ConvOperator
-        Its ``forward``/``adjoint`` take tensors with a leading batch dimension. For zero padding
+    LinearOperator
+        A :class:`~sensitivity_lib.krylov.LinearOperator`: its ``matvec``/``rmatvec`` (the layer
+        and its adjoint) take tensors with a leading batch dimension. For zero padding
         the adjoint is the convolution with the flipped kernel for stride 1, and otherwise
         ``conv_transpose2d`` with the ``output_padding`` that restores the input size; for other
         padding modes and asymmetric ``"same"`` padding it is obtained by ``torch.func.vjp``.
@@ -999,7 +1000,7 @@ def operator_norm(
         the module docstring for what each returns and why).
     tol
         Relative accuracy of the norm requested from the iterative methods. The stopping rule
-        (:func:`sensitivity_lib.linalg.lanczos`) is a heuristic unless ``upper`` is given; the
+        (:func:`sensitivity_lib.krylov.top_singular`) is a heuristic unless ``upper`` is given; the
         value itself is always a certified lower bound.
     max_iter
         Maximum number of ``A^T A`` products of the iterative methods.

@@ -1,4 +1,5 @@
-"""One figure style for the whole book, and helpers that draw on a given ``ax``.
+"""One figure style for the whole book, helpers that draw on a given ``ax``, and one table style
+(:func:`table`: results as rendered HTML tables with formatted numbers).
 
 The palette is Okabe & Ito's colour-blind safe set; sequential maps are ``viridis`` / ``magma``
 (perceptually uniform), diverging maps ``RdBu_r`` centred on zero.
@@ -113,3 +114,45 @@ def overlay(ax, image, heat, *, alpha: float = 0.55, cmap: str = "magma", title:
     show_image(ax, grey, title)
     h = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
     return ax.imshow(h, cmap=cmap, alpha=alpha, interpolation="nearest")
+
+
+def table(df, *, caption: str | None = None, digits: int = 4, formats: dict[str, str] | None = None):
+    """A results table as the book renders it: a pandas ``Styler`` (an HTML table in the page, not
+    printed text that overflows the column), floats to ``digits`` significant digits (or a format
+    string per column in ``formats``, e.g. ``{"gap": "{:.1e}"}``), an optional caption, and a fixed
+    HTML id derived from the caption and the columns, so that re-running the notebook writes the
+    same output (nbval compares it).
+
+    Example
+    -------
+    >>> import pandas as pd
+    >>> st = table(pd.DataFrame({"n": [8, 16], "gap": [0.012345, 0.0031]}), caption="demo", digits=2)
+    >>> "0.012" in st.to_html() and "<caption>demo</caption>" in st.to_html()
+    True
+    >>> st.to_html() == table(pd.DataFrame({"n": [8, 16], "gap": [0.012345, 0.0031]}),
+    ...                       caption="demo", digits=2).to_html()
+    True
+    """
+    import hashlib
+
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"table() takes a pandas DataFrame, got {type(df).__name__}")
+    formats = dict(formats or {})
+    unknown = set(formats) - set(df.columns)
+    if unknown:
+        raise ValueError(f"formats names columns the table does not have: {sorted(unknown)}")
+
+    def fmt(column):
+        if column in formats:
+            return formats[column].format
+        if pd.api.types.is_float_dtype(df[column]):
+            return lambda v: f"{v:.{digits}g}"
+        return None
+
+    style = df.style.format({c: fmt(c) for c in df.columns if fmt(c) is not None})
+    if caption:
+        style = style.set_caption(caption)
+    key = (caption or "") + "|" + "|".join(map(str, df.columns))
+    return style.set_uuid("t" + hashlib.sha1(key.encode()).hexdigest()[:10])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 PROFILES: tuple[str, ...] = ("quick", "book", "full")
+_GLUE_TYPES = (bool, int, float, str)
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:
@@ -95,3 +97,41 @@ def setup(
         shown = ", ".join(f"{k}={v!r}" for k, v in sizes[profile].items())
         print(f"profile {profile!r}: {shown}" if shown else f"profile {profile!r}")
     return cfg
+
+
+def glue_all(values: Mapping[str, Any], *, prefix: str = "") -> None:
+    """Glue every entry of ``values`` for the chapter's prose (``myst_nb.glue``, not displayed), as
+    ``prefix + name``: one call instead of one ``glue`` per number, so that a code cell shows its
+    computation, not its bookkeeping.
+
+    Values are scalars: Python numbers, strings, or 0-d / one-element NumPy arrays and torch tensors
+    (converted to Python numbers, so that the prose formats them as it formats floats). Anything
+    else (a vector, a model) raises before anything is glued: glue a number, or a string made
+    from one.
+
+    Example
+    -------
+    >>> import torch
+    >>> glue_all({"ratio": torch.tensor(0.25), "bits": 7}, prefix="ch0_")   # in a notebook: glued
+    >>> glue_all({"ratios": torch.tensor([0.25, 0.5])})
+    Traceback (most recent call last):
+    ...
+    ValueError: ratios: glue a scalar, got an array of shape (2,)
+    """
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"glue names are non-empty strings, got {name!r}")
+        v = value
+        if isinstance(v, torch.Tensor | np.ndarray | np.generic):
+            size = v.numel() if isinstance(v, torch.Tensor) else np.size(v)
+            if size != 1:
+                raise ValueError(f"{prefix}{name}: glue a scalar, got an array of shape {tuple(v.shape)}")
+            v = v.item()
+        if not isinstance(v, _GLUE_TYPES):
+            raise TypeError(f"{prefix}{name}: glue a number or a string, got {type(value).__name__}")
+        out[prefix + name] = v
+    from myst_nb import glue
+
+    for key, v in out.items():
+        glue(key, v, display=False)

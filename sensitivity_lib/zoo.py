@@ -356,6 +356,35 @@ def torchvision_model(name: str, weights: str | None = "imagenet", *, seed: int 
 TRAINING_CODE_VERSION = 1
 
 
+def recipe_key(recipe, version: int) -> str:
+    """The cache key of a training recipe: 16 hex digits of the SHA-256 of its fields (a frozen
+    dataclass, JSON-serialisable) and of ``version``, the version of the code that trains it (bump
+    it when the weights that code produces change). Every trained-model cache of the book uses it.
+
+    Example
+    -------
+    >>> recipe_key(Recipe("lenet5"), TRAINING_CODE_VERSION) == Recipe("lenet5").key()
+    True
+    """
+    blob = json.dumps({**dataclasses.asdict(recipe), "code": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """``torch.save(ckpt)`` to ``path`` atomically: written beside it under a temporary name, then
+    renamed, so that an interrupted run or a concurrent reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, on the CPU (``weights_only``: no pickled code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines a trained model; its hash names the cached checkpoint.
@@ -379,8 +408,7 @@ class Recipe:
 
     def key(self) -> str:
         """A short hash of the recipe and the training-code version."""
-        blob = json.dumps({**dataclasses.asdict(self), "code": TRAINING_CODE_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return recipe_key(self, TRAINING_CODE_VERSION)
 
 
 @dataclass(frozen=True)
@@ -436,6 +464,40 @@ def build(recipe: Recipe, classes: Sequence[str], in_channels: int) -> Normalize
     )  # fmt: skip
 
 
+def train_epoch(model, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int,
+                generator: torch.Generator, *, clip: float | None = None, on_step=None) -> tuple[float, int]:
+    """One epoch of the book's minibatch training: a permutation of the samples drawn from
+    ``generator``, then per batch cross-entropy on ``model(x[idx])``, backward, optional gradient-norm
+    clipping (to ``clip``, over the optimiser's parameters) and an optimiser step; ``on_step()`` after
+    each. The caller sets the training mode. Returns the sum of the batch losses weighted by batch
+    size, and the number of samples (their ratio is the epoch's mean loss).
+
+    Example
+    -------
+    >>> net = nn.Linear(4, 3)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> x, y = torch.rand(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    >>> total, n = train_epoch(net, x, y, opt, 4, torch.Generator().manual_seed(0), clip=1.0)
+    >>> n, total > 0
+    (10, True)
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    total, n = 0.0, 0
+    perm = torch.randperm(len(x), generator=generator)
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        total, n = total + loss.item() * len(idx), n + len(idx)
+        if on_step is not None:
+            on_step()
+    return total, n
+
+
 def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple[Normalized, TrainReport]:
     """Train ``recipe`` deterministically on the CPU (Adam, cross-entropy), or load its cached checkpoint.
 
@@ -452,7 +514,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
     model = build(recipe, train_set.classes, train_set.shape[0])
     path = cache_dir() / "models" / f"{recipe.arch}-{recipe.key()}.pt"
     if cache and path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
         model.net.load_state_dict(ckpt["state_dict"])
         return model.eval(), TrainReport(recipe, **ckpt["report"])
 
@@ -469,16 +531,8 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
                    mininterval=1.0, **({} if progress else {"disable": True}))  # fmt: skip
         for _epoch in range(recipe.epochs):
             net.train()
-            total, n = 0.0, 0
-            perm = torch.randperm(len(train_set), generator=g)
-            for i in range(0, len(perm), recipe.batch_size):
-                idx = perm[i : i + recipe.batch_size]
-                loss = F.cross_entropy(model(train_set.images[idx]), train_set.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + loss.item() * len(idx), n + len(idx)
-                bar.update(1)
+            total, n = train_epoch(model, train_set.images, train_set.labels, opt, recipe.batch_size, g,
+                                   on_step=lambda: bar.update(1))  # fmt: skip
         bar.close()
     model.eval()
     report = TrainReport(
@@ -487,12 +541,9 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
         test_accuracy=model.accuracy(test_set.images, test_set.labels),
     )  # fmt: skip
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "recipe"}
-        ckpt = {"state_dict": net.state_dict(), "report": fields, "recipe": dataclasses.asdict(recipe)}
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, {"state_dict": net.state_dict(), "report": fields,
+                               "recipe": dataclasses.asdict(recipe)})  # fmt: skip
     return model, report
 
 

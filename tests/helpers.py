@@ -83,6 +83,45 @@ def dense_layer_norm(step):
     return Estimate(float(torch.linalg.matrix_norm(J, 2)), "exact", "dense")
 
 
+def dense_influence(loss, w, x, dx, damping: float = 0.0) -> torch.Tensor:
+    """The influence-function response ``-(H + damping I)^{-1} R_x dx`` of a training loss (float64).
+
+    The oracle for ``setvalued.graphical_derivative`` in the non-singular case, by plain
+    ``torch.autograd`` (not torch.func): the dense Hessian of ``w -> loss(w, x)``, the dense mixed
+    Jacobian ``d/dx grad_w loss`` (Koh & Liang's perturbation influence; pyDVL's ``DirectInfluence``
+    in perturbation mode with ``hessian_regularization=damping`` computes the same, but pyDVL does
+    not import beside this project's NumPy 2 lock), and a dense solve.
+    """
+    w = w.detach().double()
+    x = x.detach().double()
+    p = w.numel()
+    H = torch.autograd.functional.hessian(lambda w_: loss(w_, x), w)
+
+    def grad_w(x_):
+        w_ = w.clone().requires_grad_(True)
+        return torch.autograd.grad(loss(w_, x_), w_, create_graph=True)[0]
+
+    J = torch.autograd.functional.jacobian(grad_w, x).reshape(p, -1)
+    b = J @ dx.detach().double().reshape(-1)
+    return -torch.linalg.solve(H + damping * torch.eye(p, dtype=torch.float64), b)
+
+
+def teacher_network(widths, seed: int = 0, bias: bool = False) -> nn.Sequential:
+    """A float64 ReLU MLP ``widths[0] -> ... -> widths[-1]`` (bias-free by default), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        lin = nn.Linear(a, b, bias=bias).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g, dtype=torch.float64) / math.sqrt(a))
+            if bias:
+                lin.bias.copy_(0.1 * torch.randn(b, generator=g, dtype=torch.float64))
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Random small networks built from every supported layer type
 
@@ -264,3 +303,36 @@ def random_nets(draw, max_blocks: int = 4):
                 m.bias.normal_(0, 1, generator=g)
     net.eval()
     return net, shape
+
+
+# ----------------------------------------------------------------------------------------------
+# fake data files
+
+
+def write_fake_cifar10(root, per_batch=2, seed=0):
+    """A tiny CIFAR-10 in the official python format (``cifar-10-python.tar.gz`` extracted):
+    ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, pickles of dicts
+    with ``data`` ((N, 3072) uint8: red, green, blue planes) and ``labels``. Returns the images
+    (N, 3, 32, 32) uint8 and labels of the training batches, in order."""
+    import pickle
+
+    import numpy as np
+
+    from sensitivity_lib.data import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_x, train_y = [], []
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": x, "labels": y, "filenames": []}, f, protocol=2)
+        if name != "test_batch":
+            train_x.append(x.reshape(-1, 3, 32, 32))
+            train_y += y
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES), "num_vis": 3072}, f, protocol=2)
+    return np.concatenate(train_x), train_y
+

@@ -357,3 +357,35 @@ def test_layerwise_condition_telescopes_to_e1():
 
     with pytest.raises(NotImplementedError, match="chain"):
         C.layerwise_condition(Res(), x)
+
+
+def test_componentwise_condition_matches_dense_jacobians_and_is_attained():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+    ).double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 0.0  # a zero input: relative rounding leaves it alone
+    e = C.componentwise_condition(net, x, chunk=3)
+    J = torch.func.vmap(torch.func.jacrev(net))(x)  # (N, C, d), independent of the library's rows
+    with torch.no_grad():
+        y = net(x)
+    skeel = (J.abs() * x.abs()[:, None, :]).sum(2).amax(1) / y.abs().amax(1)
+    kinf = J.abs().sum(2).amax(1) * x.abs().amax(1) / y.abs().amax(1)
+    assert torch.allclose(e.value, skeel, rtol=1e-12)
+    assert torch.allclose(e.extra["kappa_inf"], kinf, rtol=1e-12)
+    assert bool((e.value < e.extra["kappa_inf"]).all())
+    # the bits come from the pair (top, runner_up); a small step along `worst` lowers that margin by
+    # u * sum_j |J_aj - J_bj| |x_j| to first order (finite differences in float64)
+    top, b = y.argmax(1), e.extra["runner_up"]
+    rows = torch.arange(len(x))
+    need = ((J[rows, top] - J[rows, b]).abs() * x.abs()).sum(1)
+    u = 1e-7
+    with torch.no_grad():
+        y2 = net(x + u * e.extra["worst"])
+    drop = (y - y2)[rows, top] - (y - y2)[rows, b]
+    assert torch.allclose(drop / u, need, rtol=1e-5)
+    margin = y[rows, top] - y[rows, b]
+    assert torch.equal(e.extra["bits"], torch.ceil(torch.log2(need / margin)))
+    with pytest.raises(ValueError, match="chunk"):
+        C.componentwise_condition(net, x, chunk=0)

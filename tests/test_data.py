@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import write_fake_cifar10
 
 from sensitivity_lib import data
 
@@ -19,6 +20,14 @@ def test_small_loaders(loader, shape, n, first_labels):
     assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0
     assert ds.labels[:10].tolist() == first_labels
     assert len(ds.classes) == 10
+
+
+def test_digits8x8_equals_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    ds, ref = data.digits8x8(), load_digits()
+    assert torch.equal(ds.images, torch.from_numpy(ref.images.astype("float32") / 16.0).unsqueeze(1))
+    assert ds.labels.tolist() == ref.target.tolist()
 
 
 def test_mnist5k_is_balanced_and_split_is_disjoint_and_stratified():
@@ -100,3 +109,35 @@ def test_imagenet_folder_reads_a_user_tree(tmp_path):
     assert x.shape == (3, 32, 32) and y == 7 and 0 <= x.min() and x.max() <= 1
     subset = data.take(ds, 1)
     assert subset.labels.tolist() == [7] and subset.classes[7] == data.imagenet_classes()[7]
+
+
+def test_cifar10_reads_the_official_batches(tmp_path, monkeypatch):
+    x, y = write_fake_cifar10(tmp_path)
+    ds = data.cifar10(tmp_path)
+    assert ds.images.shape == (10, 3, 32, 32) and ds.images.dtype == torch.float32
+    assert ds.labels.tolist() == y
+    assert torch.equal(ds.images, torch.from_numpy(x).float() / 255)
+    assert len(data.cifar10(tmp_path, train=False)) == 2
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path))
+    assert torch.equal(data.cifar10().images, ds.images)
+    # the same images, labels and order as torchvision's reader (its MD5 check switched off)
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    tv = tv_cifar.CIFAR10(str(tmp_path), train=True, download=False)
+    assert list(tv.targets) == y
+    assert torch.equal(ds.images, torch.from_numpy(tv.data).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_cifar10_names_the_missing_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/data_batch_1.*\$CIFAR10_ROOT"):
+        data.cifar10()
+    write_fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data_batch_3' is missing.*cifar-10-python\.tar\.gz"):
+        data.cifar10(tmp_path)
+    assert len(data.cifar10(tmp_path, train=False)) == 2  # the test batch is still there
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        data.cifar10(tmp_path, train=False)

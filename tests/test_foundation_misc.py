@@ -89,3 +89,39 @@ def test_title_for_random_models_says_so():
     image_grid(axes, data.mnist_test20().images[:2], ["a", "b"])
     assert not axes[2].axison
     plt.close(fig)
+
+
+def test_glue_all_converts_scalars_and_refuses_the_rest(monkeypatch):
+    import myst_nb
+    import numpy as np
+
+    from sensitivity_lib import glue_all
+
+    calls = []
+    def record(name, value, display=True):
+        calls.append((name, value, display))
+
+    monkeypatch.setattr(myst_nb, "glue", record)
+    glue_all({"a": torch.tensor(0.5), "b": np.int64(3), "c": "text", "d": 2.0}, prefix="x_")
+    assert calls == [("x_a", 0.5, False), ("x_b", 3, False), ("x_c", "text", False), ("x_d", 2.0, False)]
+    assert type(calls[1][1]) is int
+    calls.clear()
+    with pytest.raises(ValueError, match="x_v: glue a scalar"):
+        glue_all({"ok": 1.0, "v": torch.ones(2)}, prefix="x_")
+    with pytest.raises(TypeError, match="number or a string"):
+        glue_all({"m": object()})
+    assert calls == []  # nothing glued when one value is refused
+
+
+def test_table_formats_floats_and_refuses_bad_input():
+    import pandas as pd
+
+    from sensitivity_lib import plotting
+
+    df = pd.DataFrame({"n": [8, 16], "gap": [0.0123456, 3.1e-5], "name": ["a", "b"]})
+    html = plotting.table(df, caption="c", digits=3, formats={"n": "{:d}"}).to_html()
+    assert "0.0123" in html and "3.1e-05" in html and "0.0123456" not in html
+    with pytest.raises(ValueError, match="does not have"):
+        plotting.table(df, formats={"missing": "{:.2f}"})
+    with pytest.raises(TypeError, match="DataFrame"):
+        plotting.table(df["gap"])

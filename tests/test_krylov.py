@@ -24,6 +24,8 @@ from sensitivity_lib.krylov import (
     NotConvergedWarning,
     _omega_step,
     linear_adjoint,
+    solve,
+    to_scipy,
     top_eig,
     top_singular,
 )
@@ -330,3 +332,113 @@ def test_partial_reorthogonalisation_keeps_float32_lanczos_exact():
     r = top_eig(LinearOperator(lambda v: cont * v, in_shape=(n,)), _start(n, 0), tol=1e-6, max_iter=400)
     assert r.reorthogonalised < int(r.iterations[0]) // 4
     assert (float(cont.max()) - float(r.value[0])) / float(cont.max()) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# linear solves (scipy MINRES / LSQR through to_scipy)
+
+
+def test_to_scipy_applies_the_map_and_its_adjoint():
+    A = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    S = to_scipy(_op(A))
+    v, u = _start(3, 1), _start(5, 2)
+    assert S.shape == (5, 3)
+    assert torch.allclose(torch.from_numpy(S.matvec(v.numpy())), A @ v, atol=1e-14)
+    assert torch.allclose(torch.from_numpy(S.rmatvec(u.numpy())), A.T @ u, atol=1e-14)
+    with pytest.raises(ValueError, match="batch 1"):
+        to_scipy(LinearOperator.from_matrix(torch.stack([A, A])))
+
+
+@pytest.mark.parametrize("method", ["minres", "lsqr"])
+def test_solve_symmetric_system_and_singular_least_squares(method):
+    A = _psd(30, 4) + 0.1 * torch.eye(30, dtype=torch.float64)
+    b = _start(30, 5)
+    r = solve(_op(A), b, method=method, tol=1e-12)
+    assert r.converged and r.status == "solution" and r.residual <= 1e-12
+    assert torch.allclose(r.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-11)
+    # singular and b partly outside the range: LSQR gives the pseudo-inverse solution
+    q, _ = torch.linalg.qr(_start((12, 12), 6))
+    lam = torch.cat([torch.linspace(1, 3, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)])
+    S = (q * lam) @ q.T
+    b = _start(12, 7)
+    if method == "lsqr":
+        r = solve(_op(S), b, method="lsqr", tol=1e-12)
+        assert r.converged and r.status == "least-squares"
+        assert torch.allclose(r.x, torch.linalg.pinv(S, hermitian=True) @ b, atol=1e-9)
+        outside = float((q[:, 8:] @ (q[:, 8:].T @ b)).norm() / b.norm())
+        assert r.residual == pytest.approx(outside, rel=1e-9)
+    else:  # b in the range: MINRES from 0 gives the minimum-norm solution
+        br = S @ b
+        r = solve(_op(S), br, method="minres", tol=1e-12)
+        assert r.converged and torch.allclose(r.x, torch.linalg.pinv(S, hermitian=True) @ br, atol=1e-9)
+
+
+def test_solve_that_stops_early_is_marked_and_warns():
+    A = _psd(40, 8, decay=0.1) + 1e-6 * torch.eye(40, dtype=torch.float64)
+    with pytest.warns(NotConvergedWarning, match="did not converge"):
+        r = solve(_op(A), _start(40, 9), method="minres", tol=1e-12, max_iter=3)
+    assert not r.converged and r.status == "not converged" and r.iterations <= 3
+    z = solve(_op(A), torch.zeros(40, dtype=torch.float64))
+    assert z.converged and float(z.x.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="square"):
+        solve(_op(torch.zeros(3, 2, dtype=torch.float64)), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="method"):
+        solve(_op(A), _start(40, 9), method="cg")
+
+
+def test_noise_floor_lets_an_inexact_operator_converge():
+    # every product is off by a relative 1e-9 (as when it contains an iterative solve, e.g. the
+    # set-valued modulus ||H^+ R||): the increments stop shrinking at that level, so without
+    # ``noise`` rule 1 never holds; with it, the run stops within tol of the exact value
+    A = _psd(30, 11)
+    exact = float(torch.linalg.eigvalsh(A)[-1])
+    g = torch.Generator().manual_seed(12)
+
+    def noisy(v):
+        w = v @ A.T
+        return w * (1 + 1e-9 * torch.randn(w.shape, generator=g, dtype=torch.float64))
+
+    op = LinearOperator(noisy, in_shape=(30,))
+    with pytest.warns(NotConvergedWarning):
+        r = top_eig(op, _start(30, 13), method="power", tol=1e-8, max_iter=300)
+    assert not bool(r.converged[0])
+    for method in ("power", "lanczos"):
+        r = top_eig(op, _start(30, 13), method=method, tol=1e-6, max_iter=2000, noise=1e-8)
+        assert bool(r.converged[0]) and abs(float(r.value[0]) - exact) <= 1e-6 * exact
+    with pytest.raises(ValueError, match="noise"):
+        top_eig(op, method="power", noise=-1.0)
+
+
+def test_problems_that_leave_do_not_restart_the_others():
+    # a batch of complex Hermitian problems with very different convergence speeds takes, for every
+    # problem, the same steps as that problem alone: the ones still running keep their Krylov bases
+    g = torch.Generator().manual_seed(5)
+    n, B = 60, 6
+    X = torch.randn(B, n, n, generator=g, dtype=torch.complex128)
+    lam = torch.rand(B, n, generator=g, dtype=torch.float64)
+    lam[:, 0] = 1.0 + 0.5 ** torch.arange(B, dtype=torch.float64)  # gaps from 1 down to 1/32
+    q, _ = torch.linalg.qr(X)
+    H = (q * lam[:, None, :].to(q.dtype)) @ q.mH
+    v0 = torch.randn(B, n, generator=g, dtype=torch.complex128)
+    batch = top_eig(LinearOperator.from_matrix(H), v0, tol=1e-12, max_iter=200)
+    alone = [top_eig(LinearOperator.from_matrix(H[b]), v0[b], tol=1e-12, max_iter=200) for b in range(B)]
+    assert torch.equal(batch.iterations, torch.cat([a.iterations for a in alone]))
+    assert torch.allclose(batch.value, torch.cat([a.value for a in alone]), rtol=1e-13)
+    assert torch.allclose(batch.value, torch.linalg.eigvalsh(H)[:, -1], rtol=1e-11)
+    assert len(set(batch.iterations.tolist())) > 1  # they did leave at different steps
+
+
+def test_large_batches_take_the_secular_path_and_agree_with_lapack():
+    # from 64 problems on, the top Ritz value comes from the secular equation (no eigh per step);
+    # the same problems in batches of 32 take LAPACK's eigh: values and iteration counts agree
+    mats = torch.stack([_psd(30, 100 + b) for b in range(96)])
+    v0 = _start((96, 30), 5)
+    big = top_eig(LinearOperator.from_matrix(mats), v0, tol=1e-12, max_iter=200)
+    small = [top_eig(LinearOperator.from_matrix(mats[s : s + 32]), v0[s : s + 32], tol=1e-12, max_iter=200)
+             for s in range(0, 96, 32)]  # fmt: skip
+    exact = torch.linalg.eigvalsh(mats)[:, -1]
+    assert bool(big.converged.all())
+    assert torch.allclose(big.value, exact, rtol=1e-11)
+    assert torch.allclose(big.value, torch.cat([r.value for r in small]), rtol=1e-13)
+    its = torch.cat([r.iterations for r in small])
+    assert int((big.iterations - its).abs().max()) <= 1

@@ -1,5 +1,6 @@
 """The repository's own rules: notebooks are committed stripped, open with a parameters cell, and are
-all in the table of contents; the set-up's torch/torchvision pair works."""
+all in the table of contents; norms in markdown tables are written ``\\lVert x \\rVert``, never ``\\|``;
+the set-up's torch/torchvision pair works."""
 
 import json
 import subprocess
@@ -7,9 +8,12 @@ import sys
 
 import pytest
 from book import ROOT, chapters, toc_files
+from launch import is_colab_cell
 
 NOTEBOOKS = sorted(p.relative_to(ROOT) for p in (ROOT / "chapters").rglob("*.ipynb")
                    if ".ipynb_checkpoints" not in p.parts)  # fmt: skip
+MARKDOWN = sorted(p.relative_to(ROOT) for p in (ROOT / "chapters").rglob("*.md")
+                  if ".ipynb_checkpoints" not in p.parts)  # fmt: skip
 
 
 def test_every_notebook_is_in_the_toc():
@@ -42,7 +46,11 @@ def test_notebook_opens_with_parameters_cell(path):
     src = "".join(first["source"])
     assert 'PROFILE = "book"' in src and "SIZES" in src, f"{path}: parameters cell must set PROFILE and SIZES"
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
-    assert "sl.setup(PROFILE, SIZES" in "".join(code[1]["source"]), f"{path}: second cell must call sl.setup"
+    # the Colab install cell (tools/launch.py, tested in test_launch.py) may stand between the two
+    setup = next(c for c in code[1:] if not is_colab_cell(c))
+    assert "sl.setup(PROFILE, SIZES" in "".join(setup["source"]), (
+        f"{path}: the cell after the parameters cell (and the Colab install cell) must call sl.setup"
+    )
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
@@ -52,6 +60,32 @@ def test_chapter_has_learning_goals_summary_and_exercises(path):
                      if c["cell_type"] == "markdown")  # fmt: skip
     assert "What you will learn" in text
     assert "## Summary" in text and "## Exercises" in text
+
+
+def markdown_sources(path):
+    """The markdown of a chapter source: every markdown cell of a notebook, or a whole .md file."""
+    if path.suffix == ".md":
+        return [(ROOT / path).read_text()]
+    cells = json.loads((ROOT / path).read_text())["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+
+
+def escaped_pipe_rows(text):
+    """The markdown table rows of ``text`` that contain ``\\|``."""
+    return [line for line in text.splitlines() if line.lstrip().startswith("|") and "\\|" in line]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + MARKDOWN, ids=str)
+def test_no_escaped_pipe_in_table_rows(path):
+    """Inside a markdown table row ``\\|`` is the table's escaped pipe, so ``$\\|x\\|$`` reaches MathJax
+    as ``|x|`` (an absolute value): norms in tables must be written ``\\lVert x \\rVert``."""
+    bad = [row for text in markdown_sources(path) for row in escaped_pipe_rows(text)]
+    assert not bad, f"{path}: table rows with \\| (renders as |); use \\lVert ... \\rVert:\n" + "\n".join(bad)
+
+
+def test_escaped_pipe_rows_finds_norms_in_tables_only():
+    text = "| E0 | $\\|J(x)\\|$ |\n| E1 | $\\lVert x\\rVert$ |\nprose $\\|x\\|$ is fine\n"
+    assert escaped_pipe_rows(text) == ["| E0 | $\\|J(x)\\|$ |"]
 
 
 def test_torchvision_compiled_ops_work():

@@ -3,20 +3,21 @@
 The relative condition number ``kappa(x) = ||J(x)|| ||x|| / ||f(x)||`` of a network at an input, in
 the 2-norm, on the model's input space ([0, 1] pixels for the book's models), and what it predicts.
 
-Modules
--------
-lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
-local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
-              product; where the network is not differentiable
-approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
-perturbation  random (Gaussian, uniform, Rademacher) and gradient directions, observed
-              amplification, the smallest flipping step
-precision     rounding to fewer bits, and the input bit-width a condition number predicts
-peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
-radius        distances to the decision boundary the condition numbers predict: the certified
-              radius g / (sqrt(2) L) (a lower bound) and the first-order radius (DeepFool's first step)
-tightness     every per-image measurement of the chapter on tightness at the decision, shardable over
-              processes (``condition.tightness.measure``, ``measure_sharded``)
+Its modules::
+
+    lipschitz     E1: the certified Lipschitz bound of a whole network, and its per-layer factors
+    local         E0: the exact local condition number (Lanczos on J J^T); E2: the local masked
+                  product; Skeel's componentwise condition number; where the network is not
+                  differentiable
+    approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
+    perturbation  random and gradient directions, observed amplification, the smallest flipping step
+    precision     rounding to fewer bits, and the input bit-width a condition number predicts
+    peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
+    radius        distances to the decision boundary the condition numbers predict: the certified
+                  radius g / (sqrt(2) L) (a lower bound) and the first-order radius (DeepFool's
+                  first step)
+    tightness     every per-image measurement of the chapter on tightness at the decision,
+                  shardable over processes (``condition.tightness.measure``, ``measure_sharded``)
 
 The functions are re-exported here (``condition.local_condition(model, x)``), except the tightness
 module's, which are used through it (``condition.tightness.measure``).
@@ -33,6 +34,7 @@ from sensitivity_lib.condition.lipschitz import (
     lipschitz_product,
 )
 from sensitivity_lib.condition.local import (
+    componentwise_condition,
     jacobian_norm,
     jacobian_operator,
     kink_fractions,
@@ -60,6 +62,7 @@ __all__ = [
     "certified_layer_norm",
     "certified_radius",
     "clever_l2",
+    "componentwise_condition",
     "first_order_radius",
     "global_condition",
     "gradient_direction",

@@ -27,8 +27,9 @@ Variants (relative condition number ``kappa(x) = ||J(x)|| ||x|| / ||f(x)||``)
     * E1 and E3 live in :mod:`sensitivity_lib.condition.lipschitz` and
       :mod:`sensitivity_lib.condition.approximate`.
 
-Also: :func:`jacobian_norm` (the absolute ``||J(x)||_2``) and :func:`kink_fractions` (where the
-network is not differentiable at ``x``).
+Also: :func:`jacobian_norm` (the absolute ``||J(x)||_2``), :func:`componentwise_condition` (Skeel's
+componentwise condition number in the infinity norm, the one for rounding each input separately)
+and :func:`kink_fractions` (where the network is not differentiable at ``x``).
 
 Example
 -------
@@ -46,6 +47,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,6 +60,7 @@ from sensitivity_lib.results import Estimate
 from sensitivity_lib.validation import check_model_input
 
 __all__ = [
+    "componentwise_condition",
     "jacobian_norm",
     "jacobian_operator",
     "local_condition",
@@ -253,6 +257,112 @@ def local_condition(
         value=torch.exp2(lg), kind="lower", method=f"E0:{J.method}", norm="2", iterations=J.iterations,
         residual=J.residual, converged=J.converged, extra=extra,
     )  # fmt: skip
+
+
+def componentwise_condition(
+    model: nn.Module, x: torch.Tensor, *, output: str = "logits", chunk: int = 64
+) -> Estimate:
+    """Skeel's componentwise condition number ``|| |J(x)| |x| ||_inf / ||f(x)||_inf`` of every sample,
+    and the input bits that componentwise rounding needs, to first order.
+
+    The natural measure for rounding each input separately (every pixel to ``t`` significand
+    bits: ``|dx_j| <= 2^-t |x_j|``, as :func:`~sensitivity_lib.condition.precision.round_significand` does).
+    To first order output ``i`` then moves by at most ``2^-t (|J| |x|)_i``, and this bound is
+    attained (``dx_j = 2^-t sign(J_ij) |x_j|``): unlike the normwise E0 it is exact for this
+    perturbation set, not an upper bound over a larger ball. It is never above the normwise
+    infinity-norm condition number ``||J||_inf ||x||_inf / ||f||_inf`` (``extra["kappa_inf"]``), and
+    far below it when many inputs are zero (a black MNIST background is not perturbed by relative
+    rounding). R. D. Skeel, *Scaling for numerical stability in Gaussian elimination*, J. ACM 26,
+    1979; N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, section 7.2.
+
+    The same argument on the top class ``a`` against every other class ``b`` gives the bits
+    (``extra["bits"]``): the predicted class survives a componentwise relative error ``2^-t`` to
+    first order while ``2^-t sum_j |J_aj - J_bj| |x_j| < f_a - f_b`` for all ``b``, so
+
+    ``t_cw(x) = ceil(max_b log2(sum_j |J_aj - J_bj| |x_j| / (f_a - f_b)))``,
+
+    with no factor ``sqrt(2)`` and no worst case over a ball (compare
+    :func:`~sensitivity_lib.condition.precision.min_input_bits`). A first-order prediction: rounding errors
+    are not infinitesimal, and the model is only piecewise smooth.
+
+    Cost: one backward pass per output (the rows of ``J``, all samples at once, ``chunk`` rows per
+    batched ``vjp``), and the rows are held in memory (outputs x samples x inputs, float64): cheap
+    for 10 classes, 1,000 passes and about 1.2 GB per 224x224 photo for an ImageNet classifier.
+
+    Parameters
+    ----------
+    model, x, output
+        As in :func:`jacobian_norm` (the norm of ``x`` and ``f(x)`` per flattened sample).
+    chunk
+        Output rows per batched backward pass (memory against speed).
+
+    Returns
+    -------
+    Estimate
+        ``value`` float64 (N,), ``kind="exact"`` (first-order, from the exact Jacobian rows);
+        ``extra``: ``log2``, ``kappa_inf`` (normwise, infinity norm), ``bits`` (``t_cw``, float64
+        (N,)), ``runner_up`` (the class ``b`` that attains it) and ``worst`` (per sample the
+        perturbation ``-sign(J_a - J_b) |x|`` of that pair, shape of ``x``: the direction, scaled by
+        ``2^-t``, that lowers the margin fastest).
+
+    Example
+    -------
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2, bias=False).double().eval()
+    >>> with torch.no_grad():
+    ...     _ = net.weight.copy_(torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, 4.0]]))
+    >>> x = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)   # f(x) = (-1, 0.5)
+    >>> e = componentwise_condition(net, x)
+    >>> float(e.value[0]), float(e.extra["kappa_inf"][0])   # |J||x| = (3, 0.5); ||J||_inf = 4.5
+    (3.0, 4.5)
+    >>> x = torch.tensor([[1.0, 0.0, 0.1]], dtype=torch.float64)   # a zero input is not perturbed
+    >>> e = componentwise_condition(net, x)
+    >>> round(float(e.value[0]), 12), round(float(e.extra["kappa_inf"][0]), 12)
+    (1.0, 4.5)
+    >>> e.extra["bits"].tolist()   # margin 0.1; sum |J_a - J_b| |x| = 0.5 + 0.4: ceil(log2 9)
+    [4.0]
+    """
+    check_output(output)
+    check_model_input(model, x)
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    f = output_fn(model, output)
+    x = x.detach()
+    with torch.enable_grad():
+        xi = x.clone().requires_grad_(True)
+        y = f(xi)
+        n, C = y.shape
+        absx = xi.detach().reshape(n, -1).abs().double()
+        J = torch.empty(C, n, absx.shape[1], dtype=torch.float64)
+        for s in range(0, C, int(chunk)):
+            idx = torch.arange(s, min(C, s + int(chunk)))
+            eye = torch.zeros(len(idx), n, C, dtype=y.dtype)
+            eye[torch.arange(len(idx)), :, idx] = 1.0
+            (rows,) = torch.autograd.grad(y, xi, eye, retain_graph=True, is_grads_batched=True)
+            J[idx] = rows.reshape(len(idx), n, -1).double()
+    y = y.detach().double()
+    finf = y.abs().amax(1)
+    weighted = torch.einsum("cnd,nd->nc", J.abs(), absx)  # (|J| |x|)_i per sample
+    skeel = weighted.amax(1) / finf
+    kappa_inf = J.abs().sum(2).amax(0) * absx.amax(1) / finf
+    top = y.argmax(1)
+    Ja = J[top, torch.arange(n)]  # (N, d)
+    diff = (Ja[None] - J).abs()  # (C, N, d)
+    need = torch.einsum("cnd,nd->nc", diff, absx)
+    margin = y.gather(1, top[:, None]) - y
+    ratio = torch.where(margin > 0, need / margin.clamp_min(1e-300), torch.zeros_like(need))
+    ratio[torch.arange(n), top] = 0.0
+    tied = ((margin == 0).sum(1) > 1)  # another class ties with the top one
+    worst_b = ratio.argmax(1)
+    bits = torch.ceil(torch.log2(ratio.amax(1)))
+    bits = torch.where(tied, torch.full_like(bits, math.inf), bits)
+    d = (Ja - J[worst_b, torch.arange(n)]).sign() * absx
+    extra = {
+        "log2": torch.log2(skeel), "kappa_inf": kappa_inf, "bits": bits, "runner_up": worst_b,
+        "worst": (-d).reshape(x.shape).to(x.dtype), "output": output,
+    }
+    return Estimate(value=skeel, kind="exact", method="Skeel, exact Jacobian rows", norm="inf",
+                    extra=extra)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

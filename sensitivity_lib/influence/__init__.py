@@ -4,12 +4,12 @@ The first-order influence ``FI = df^T G^+ df`` of a perturbation of an image, of
 layer's parameters or of all parameters on ``f = log p(y | x)``, in the Fisher-Rao metric of the
 predictive distribution, computed from C x C Gram matrices.
 
-Modules
--------
-measure    FI and its diagnostics (:func:`fi`, :func:`fi_maps`, :func:`fi_direction`), the C x C
-           kernel, the authors' per-image algorithm as a reference, and the pixel-flip check
-sa_dnn     PyTorch ports of the authors' ResNet-50 and DenseNet-121 for 28x28 and 32x32 images
-outliers   the synthetic MNIST outliers of the paper's Setup 0
+Its modules::
+
+    measure    FI and its diagnostics (fi, fi_maps, fi_direction), the C x C
+               kernel, the authors' per-image algorithm as a reference, and the pixel-flip check
+    sa_dnn     PyTorch ports of the authors' ResNet-50 and DenseNet-121 for 28x28 and 32x32 images
+    outliers   the synthetic MNIST outliers of the paper's Setup 0
 
 The functions of ``measure`` are re-exported here: ``influence.fi(model, x)``.
 """

@@ -16,7 +16,7 @@ What differs from torchvision's ImageNet networks (as in the authors' code):
 - batch norm uses Keras' ``eps = 1e-3``; its momentum is PyTorch's default 0.1 (Keras uses 0.01,
   which is too slow for the few hundred steps the book trains for: a documented deviation).
 
-Trainable modules ("layers" in the Keras sense, as used by :func:`sensitivity_lib.influence.fi`
+Trainable modules ("layers" in the Keras sense, as used by :func:`sensitivity_lib.influence.measure.fi`
 with ``wrt="layers"``): ResNet-50 has 107 (53 convolutions, 53 batch norms, 1 dense), DenseNet-121
 has 242 (120 convolutions, 121 batch norms, 1 dense), as Keras lists them.
 
