@@ -1,7 +1,7 @@
 """Benchmark: images per second of the influence measure (FI), ours against a naive loop.
 
 Model: the SA_DNN-style ResNet-50 trained in the book (MNIST 28x28, ``book`` recipe of
-Part II ch. 4, width 8; trained and cached on first use, or random weights with ``--random``).
+Part II ch. 5, width 8; trained and cached on first use, or random weights with ``--random``).
 
 For each perturbation (``wrt``) the naive baseline is what a direct port of the authors' code does
 (:func:`sensitivity_lib.influence.reference_loop`): per image and per class, one forward pass and

@@ -3,7 +3,7 @@
 Paper: H. Shu and H. Zhu, "Sensitivity Analysis of Deep Neural Networks", AAAI 2019
 (arXiv:1901.07152), building on Zhu, Ibrahim, Lee and Zhang, "Perturbation selection and
 influence measures in local influence analysis", Ann. Statist. 35 (2007). The formulas follow the
-authors' code (``shu-hai/SA_DNN``); the C x C reduction is our derivation (book, Part II ch. 4).
+authors' code (``shu-hai/SA_DNN``); the C x C reduction is our derivation (book, Part II ch. 5).
 
 Perturbation ``omega`` (``wrt``): the whole input image (``"input"``), one channel-pixel or a
 (2s+1)^2 patch of one channel (``"pixels"``), the parameters of each trainable module
@@ -1184,7 +1184,7 @@ def flip_top_pixels(
 ) -> dict[str, torch.Tensor]:
     """Invert the ``k`` highest-scoring channel-pixels of each image and measure the damage.
 
-    The check of the "vulnerable areas" use of FI (book, Part II ch. 5): for each image, the ``k``
+    The check of the "vulnerable areas" use of FI (book, Part II ch. 6): for each image, the ``k``
     channel-pixels with the largest ``score`` (ties broken at random, with ``generator``) are
     replaced by ``1 - x`` (the largest change that stays in ``[0, 1]``), and the drop of
     ``log p_y`` is recorded. Pass an FI map, a gradient map or random numbers as ``score``.
