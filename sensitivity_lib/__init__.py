@@ -21,6 +21,7 @@ The map of the package::
     Part III    recurrent/   recurrent networks: normalised spectra, robustness (Sengupta & Friston)
     Part IV     setvalued/   set-valued sensitivity of training: graphical derivative, Lipschitz
                              modulus, distances of sets (Wang, Wang & Ban)
+    Closing     report       the Part I measures of any classifier side by side: value, kind, cost
     Book support
         data         datasets in [0, 1] pixel space: what ships offline, loaders for what you supply
         zoo          the model wrapper (normalisation inside), pretrained loaders, deterministic training

@@ -302,6 +302,93 @@ def torchvision_checkpoint(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
+
+def torchvision_from_file(
+    arch: str,
+    path: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    input_shape: tuple[int, int, int] = (3, 224, 224),
+    name: str | None = None,
+) -> Normalized:
+    """A torchvision classifier with *your* weights: architecture ``arch`` (any name of
+    ``torchvision.models.list_models(module=torchvision.models)``, e.g. ``"resnet18"``) and the
+    state dict saved in ``path`` (``torch.save(model.state_dict(), path)``; a checkpoint dict with a
+    ``"state_dict"`` or ``"model"`` entry works too).
+
+    The number of classes is read from the file (the output size of its last layer weight, the
+    classifier of every torchvision classification network, linear or 1 x 1 convolution). The
+    model is wrapped in :class:`Normalized`: inputs are [0, 1] pixels of shape ``input_shape``,
+    and ``mean`` / ``std`` (ImageNet's by default: say yours if you trained with others) are applied
+    inside. ``classes`` default to ImageNet's names for 1,000 outputs and to ``"0"``, ``"1"``, ...
+    otherwise. The file is read with ``weights_only=True`` (no code runs from it); nothing is downloaded.
+
+    Raises ``FileNotFoundError`` naming the file if it is missing, and ``ValueError`` if ``arch`` is
+    unknown or the file's tensors do not fit the architecture (with the first missing and unexpected
+    names, which usually tell a wrong ``arch`` apart from a wrapped state dict).
+
+    >>> import tempfile, pathlib, torchvision
+    >>> net = torchvision.models.squeezenet1_1(num_classes=10)
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "mine.pt"
+    >>> torch.save(net.state_dict(), f)
+    >>> m = torchvision_from_file("squeezenet1_1", f, input_shape=(3, 64, 64))
+    >>> m(torch.rand(2, 3, 64, 64)).shape, m.pretrained
+    (torch.Size([2, 10]), True)
+    """
+    import torchvision.models as tvm
+
+    from sensitivity_lib.data import imagenet_classes
+
+    known = tvm.list_models(module=tvm)
+    if arch not in known:
+        raise ValueError(
+            f"arch must be a torchvision classification model name (one of {known}), got {arch!r}"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"weights file {file} does not exist: save yours with torch.save(model.state_dict(), path) "
+            "and pass that path (nothing is downloaded)"
+        )
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{file} does not hold a state dict (a dict of tensors)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    weights = [v for k, v in state.items() if k.endswith("weight") and torch.is_tensor(v) and v.ndim >= 2]
+    if not weights:
+        raise ValueError(f"{file} has no layer weight, so no classifier layer to read the classes from")
+    n_classes = int(weights[-1].shape[0])
+    net = tvm.get_model(arch, weights=None, num_classes=n_classes)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of the right names but other shapes
+        raise ValueError(
+            f"the tensors of {file} do not fit torchvision's {arch} ({str(err).splitlines()[-1].strip()}); "
+            "check arch, and that the file holds model.state_dict()"
+        ) from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"the tensors of {file} do not fit torchvision's {arch}: "
+            f"{len(result.missing_keys)} missing (first: {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (first: {result.unexpected_keys[:3]}); "
+            "check arch, and that the file holds model.state_dict()"
+        )
+    if classes is None:
+        classes = imagenet_classes() if n_classes == 1000 else [str(i) for i in range(n_classes)]
+    if len(classes) != n_classes:
+        raise ValueError(f"{len(classes)} class names for a classifier with {n_classes} outputs")
+    return Normalized(
+        net.eval(), mean, std, input_shape=tuple(input_shape), classes=list(classes),
+        name=name or f"{arch} ({file.name})", pretrained=True, weights_note=f"your weights ({file})",
+        fixed_size=False,
+    )  # fmt: skip
+
+
 def torchvision_model(name: str, weights: str | None = "imagenet", *, seed: int = 0) -> Normalized:
     """A torchvision ImageNet classifier (``"alexnet"``, ``"vgg19"``, ``"resnet50"``, ``"densenet121"``).
 
