@@ -116,6 +116,75 @@ def overlay(ax, image, heat, *, alpha: float = 0.55, cmap: str = "magma", title:
     return ax.imshow(h, cmap=cmap, alpha=alpha, interpolation="nearest")
 
 
+def manhattan(ax, values, groups, *, top: int = 5, log: bool = False, ylabel: str = "FI",
+              group_names: Sequence[str] | None = None, colors: Sequence[str] | None = None):
+    """A Manhattan plot of one score per item: x = item, grouped by class; y = the score.
+
+    The layout of the influence plots of Shu & Zhu's code (``SA_DNN``, Setups 1-3: images on the
+    x axis grouped by class, FI on the y axis). Items are placed group by group (in increasing
+    group id, original order inside a group), groups alternate two colours, a tick marks each
+    group's centre, and the ``top`` highest scores are circled and numbered 1, 2, ...
+
+    Parameters
+    ----------
+    ax
+        The matplotlib axes to draw on.
+    values
+        ``(N,)`` scores (tensor or array); must be finite (and positive when ``log``).
+    groups
+        ``(N,)`` integer group ids (e.g. the class labels).
+    top
+        How many of the highest scores to mark (0: none).
+    log
+        Logarithmic y axis (for scores spanning decades).
+    ylabel, group_names, colors
+        Axis label, tick labels for the groups (default: the ids), two alternating colours.
+
+    Returns
+    -------
+    numpy.ndarray
+        The indices (into ``values``) of the marked items, highest score first.
+
+    Example
+    -------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> fig, ax = plt.subplots()
+    >>> manhattan(ax, [0.1, 3.0, 0.2, 2.0], [1, 0, 1, 0], top=2).tolist()
+    [1, 3]
+    >>> plt.close(fig)
+    """
+    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    g = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    v, g = np.asarray(v, dtype=np.float64).ravel(), np.asarray(g).ravel()
+    if v.shape != g.shape:
+        raise ValueError(f"values and groups must have one entry per item, got {v.shape} and {g.shape}")
+    if not np.all(np.isfinite(v)) or (log and np.any(v <= 0)):
+        raise ValueError("values must be finite" + (" and positive for log=True" if log else ""))
+    order = np.lexsort((np.arange(len(g)), g))  # by group, then original order
+    pos = np.empty(len(v), dtype=np.int64)
+    pos[order] = np.arange(len(v))
+    colors = list(colors or (PALETTE[0], PALETTE[5]))
+    ids = np.unique(g)
+    for j, k in enumerate(ids):
+        sel = g == k
+        ax.scatter(pos[sel], v[sel], s=6, color=colors[j % len(colors)], linewidths=0)
+    ax.set_xticks([pos[g == k].mean() for k in ids])
+    names = group_names if group_names is not None else [str(int(k)) for k in ids]
+    ax.set_xticklabels(names)
+    ax.set_xlim(-0.5, len(v) - 0.5)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    marked = np.argsort(-v, kind="stable")[: max(0, int(top))]
+    for r, i in enumerate(marked, 1):
+        ax.scatter([pos[i]], [v[i]], s=50, facecolors="none", edgecolors=PALETTE[3], linewidths=1.2)
+        ax.annotate(str(r), (pos[i], v[i]), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                    color=PALETTE[3])
+    return marked
+
+
 def table(df, *, caption: str | None = None, digits: int = 4, formats: dict[str, str] | None = None):
     """A results table as the book renders it: a pandas ``Styler`` (an HTML table in the page, not
     printed text that overflows the column), floats to ``digits`` significant digits (or a format

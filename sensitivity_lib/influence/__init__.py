@@ -10,8 +10,11 @@ Its modules::
                kernel, the authors' per-image algorithm as a reference, and the pixel-flip check
     sa_dnn     PyTorch ports of the authors' ResNet-50 and DenseNet-121 for 28x28 and 32x32 images
     outliers   the synthetic MNIST outliers of the paper's Setup 0
+    cook       Cook's (1986) local influence of case weights (last layer): the classical baseline
+    layers     which layers are most sensitive: the size of each layer's metric, and a check
 
-The functions of ``measure`` are re-exported here: ``influence.fi(model, x)``.
+The functions of ``measure`` are re-exported here: ``influence.fi(model, x)``; those of ``cook``
+and ``layers`` are used through their modules (``influence.cook.local_influence``).
 """
 
 from sensitivity_lib.influence.measure import (
@@ -22,6 +25,7 @@ from sensitivity_lib.influence.measure import (
     fi_direction,
     fi_from_gram,
     fi_maps,
+    fi_target,
     flip_top_pixels,
     logit_grams,
     reference_loop,
@@ -36,6 +40,7 @@ __all__ = [
     "fi_direction",
     "fi_from_gram",
     "fi_maps",
+    "fi_target",
     "flip_top_pixels",
     "logit_grams",
     "reference_loop",
