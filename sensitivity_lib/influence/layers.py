@@ -53,25 +53,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sensitivity_lib.influence.measure import logit_grams
+from sensitivity_lib.influence.measure import logit_grams, param_layers
 from sensitivity_lib.validation import check_batch, check_eval
 
 __all__ = ["LayerSensitivity", "layer_sensitivity", "PerturbationEffect", "perturbation_effect",
            "param_layers"]
-
-
-def param_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """Modules owning trainable parameters, in registration order, with their own parameter names
-    (the layers of the paper's Setup 2: kernel and bias together, batch-norm scale and shift
-    together)."""
-    out = []
-    for name, m in model.named_modules():
-        own = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
-        if own:
-            out.append((name, m, own))
-    if not out:
-        raise ValueError("the model has no trainable parameters (requires_grad=True)")
-    return out
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ __all__ = [
     "fi_from_gram",
     "fi_direction",
     "logit_grams",
+    "param_layers",
     "svd_chain_reference",
     "reference_loop",
     "flip_top_pixels",
@@ -422,7 +423,10 @@ def _input_jacobian(
 # --------------------------------------------------------------------------------------------
 
 
-def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+def param_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """Modules owning trainable parameters, in registration order, with their own parameter names
+    (the layers of the paper's Setup 2: kernel and bias together, batch-norm scale and shift
+    together): what ``wrt="layers"`` perturbs, one at a time."""
     out = []
     for name, m in model.named_modules():
         own = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
@@ -693,7 +697,7 @@ def logit_grams(
             else:
                 parts.append(torch.einsum("bichw,bjchw->bchwij", J, J))
         return torch.cat(zs), torch.cat(parts)
-    mods = _param_modules(model)
+    mods = param_layers(model)
     use_hooks = method == "hooks" or (
         method == "auto" and all(_hookable(m, own) for _, m, own in mods)
     )
@@ -707,7 +711,7 @@ def logit_grams(
     bs = batch_size or 8
     acc: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in mods}
     work = _in_dtype(model, dtype)
-    mods_w = _param_modules(work)  # the same names, in the working dtype
+    mods_w = param_layers(work)  # the same names, in the working dtype
     for sl in _chunks(N, bs):
         xs = x[sl].to(dtype)
         if use_hooks:
@@ -733,7 +737,7 @@ def _method_name(wrt: str, model: nn.Module, method: str) -> str:
         return "batch-vjp"
     if method != "auto":
         return method
-    ok = all(_hookable(m, own) for _, m, own in _param_modules(model))
+    ok = all(_hookable(m, own) for _, m, own in param_layers(model))
     return "hooks" if ok else "functorch"
 
 
@@ -1194,7 +1198,7 @@ def reference_loop(
     _check_x(x, wrt)
     if dtype is not None:
         model, x = _in_dtype(model, dtype), x.to(dtype)
-    mods = _param_modules(model)
+    mods = param_layers(model)
     params = [p for _, m, own in mods for p in (getattr(m, q) for q in own)]
     out = []
     for i in range(x.shape[0]):
