@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,9 +54,6 @@ from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.condition.precision import min_input_bits
 from sensitivity_lib.condition.radius import certified_radius, first_order_radius
 from sensitivity_lib.validation import check_model_input
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = ["MEASURES", "Report", "sensitivity_report"]
 
@@ -93,8 +90,8 @@ class Report:
 
     model: str
     pretrained: bool
-    per_image: pd.DataFrame
-    summary: pd.DataFrame
+    per_image: Any  # a pandas DataFrame (pandas is imported only when a report is made)
+    summary: Any  # a pandas DataFrame
     lipschitz_seconds: float
 
     def __repr__(self) -> str:

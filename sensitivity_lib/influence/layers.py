@@ -18,7 +18,7 @@ Jacobian, ``H = diag p - p p^T``), and its mean over ``xi`` is ``s_l / 2`` with 
     s_l = rho_l^2 tr(G_l) = rho_l^2 tr(H M_l),    M_l = J_l J_l^T  (C x C),
 
 averaged over images. ``M_l`` is the same C x C Gram that FI uses
-(:func:`sensitivity_lib.influence.logit_grams`), so ``s_l`` costs nothing beyond it and is exact
+(:func:`sensitivity_lib.influence.measure.logit_grams`), so ``s_l`` costs nothing beyond it and is exact
 (no sampling). Norm: the Fisher-Rao metric on the predictive distribution; Euclidean on ``xi``.
 Invariant to rescaling a layer's weights ``theta_l -> c theta_l`` when the network's function is
 unchanged in a way that rescales ``J_l`` by ``1/c`` (e.g. a convolution followed by batch norm).
@@ -105,7 +105,7 @@ def layer_sensitivity(
     x
         Images ``(N, ...)``.
     method, batch_size
-        As in :func:`sensitivity_lib.influence.logit_grams` (hooks when every layer is a Linear,
+        As in :func:`sensitivity_lib.influence.measure.logit_grams` (hooks when every layer is a Linear,
         Conv2d, BatchNorm or LayerNorm; float64).
 
     Returns
