@@ -82,6 +82,7 @@ __all__ = [
     "art_classifier",
     "seeded",
     "draw_seed",
+    "predict",
 ]
 
 #: Fixed-budget attacks of :func:`attack`.
@@ -272,7 +273,8 @@ def _chunks(n: int, size: int, progress: bool, desc: str):
     return tqdm(starts, desc=desc, leave=False, mininterval=1.0, **kw)
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The model's predicted classes (argmax of the logits) for ``x``, in chunks of ``batch_size``."""
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
@@ -477,7 +479,7 @@ def minimal_perturbation(
             full = torch.zeros(len(x), dtype=v.dtype)
             full[todo] = v
             extra[k] = full
-    new = _predict(model, adversarial, batch_size)
+    new = predict(model, adversarial, batch_size)
     flipped = new != labels
     size = (adversarial - x).flatten(1).to(torch.float64).norm(dim=1).cpu()
     value = torch.where(flipped.cpu(), size, torch.full_like(size, math.inf))
@@ -590,7 +592,7 @@ def _gradient_search(model, x, y, p, clip, C, batch_size, seed, progress, option
     def changed(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         adv = _fixed_budget(model, x[idx], y[idx], method, p, t, steps, step_size, random_start, clip, C,
                             batch_size, seed, False)  # fmt: skip
-        hit = (_predict(model, adv, batch_size) != y[idx]).cpu()
+        hit = (predict(model, adv, batch_size) != y[idx]).cpu()
         better = hit & (t < best[idx])
         best[idx[better]] = t[better]
         best_adv[idx[better]] = adv[better]

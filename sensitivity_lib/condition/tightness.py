@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from sensitivity_lib import shards
-from sensitivity_lib.attacks import minimal_perturbation
+from sensitivity_lib.attacks import minimal_perturbation, predict
 from sensitivity_lib.condition.lipschitz import global_condition, lipschitz_bound
 from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.condition.peers import clever_l2
@@ -74,11 +74,6 @@ def parse_attack(key: str) -> tuple[str, Any]:
     return method, ("inf" if norm == "inf" else 2)
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).cpu()
-
-
 def _noise(model, x, pred, sizes, draws, kind, batch_size, generator):  # noqa: ANN001
     """Flip indicators ``(N, S, D)`` of random directions of kind ``kind`` at relative sizes ``2^-s``,
     and the 2-norms of the clipped changes."""
@@ -90,7 +85,7 @@ def _noise(model, x, pred, sizes, draws, kind, batch_size, generator):  # noqa: 
         u = random_directions(tuple(x.shape), generator, kind=kind).to(x.device, x.dtype)
         for j, s in enumerate(sizes):
             z = (x + 2.0**-s * xnorm * u).clamp(0.0, 1.0)
-            flips[:, j, d] = _predict(model, z, batch_size) != pred
+            flips[:, j, d] = predict(model, z, batch_size).cpu() != pred
             change[:, j, d] = (z - x).flatten(1).to(torch.float64).norm(dim=1).cpu()
     return flips, change
 
@@ -180,7 +175,7 @@ def measure(
     if not sizes or len(set(sizes)) != len(sizes):
         raise ValueError(f"noise_sizes must be distinct integer exponents, got {noise_sizes!r}")
     L = lipschitz if lipschitz is not None else lipschitz_bound(model, tuple(x.shape[1:]))
-    pred = _predict(model, x, batch_size)
+    pred = predict(model, x, batch_size).cpu()
     out: dict[str, torch.Tensor] = {"pred": pred, "x_norm": x.flatten(1).to(torch.float64).norm(dim=1).cpu()}
     cert = certified_radius(model, x, lipschitz=L)
     out.update(certified=cert.value, gap=cert.extra["gap"])
@@ -194,7 +189,7 @@ def measure(
         rate = torch.full((len(x), len(sizes)), math.nan, dtype=torch.float64)
         for j, s in enumerate(sizes):
             if s >= 1:  # rounding to s >= 1 significand bits
-                rate[:, j] = (_predict(model, round_significand(x, s), batch_size) != pred).double()
+                rate[:, j] = (predict(model, round_significand(x, s), batch_size).cpu() != pred).double()
         out["rounding_rate"] = rate
         out["rounding_bits"] = rounding_flip_bits(model, x, bits=range(1, 25)).cpu()
     for key, options in attacks.items():
