@@ -1,6 +1,6 @@
 """Benchmark: the matrix-free graphical derivative against the dense eigendecomposition, on one point.
 
-Problem: the residual MLP of Part IV's chapter 11 (blocks ``h <- h + W2 relu(W1 h + b1) + b2``,
+Problem: the residual MLP of Part IV's chapter 12 (blocks ``h <- h + W2 relu(W1 h + b1) + b2``,
 squared error on one-hot targets) on the first ``n`` 8x8 digits, float64, trained by
 :func:`sensitivity_lib.setvalued.fit` for ``--fit`` L-BFGS steps (0: random weights) to ``w_bar``; ten
 images perturbed along random unit directions (``dx``).
@@ -15,7 +15,7 @@ residual test passes, and the two answers differ by order one at the same residu
 ``--damping 0`` to see it; the run then fails). Training longer does not cure this (the spectrum of a
 trained network decays continuously to zero), and a spectral cut-off is not something MINRES can
 honour. So we time the damped problem, the influence function of Koh & Liang with their damping
-(chapter 10, "the influence function as the special case"):
+(chapter 11, "the influence function as the special case"):
 
     ``loss_lambda(w, x) = loss(w, x) + lambda / 2 ||w - w_bar||^2``,  Hessian ``H + lambda I``,
 

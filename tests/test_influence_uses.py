@@ -1,4 +1,4 @@
-"""Tests for what Part II's chapter 5 offers beyond FI of the predicted class: target-class FI,
+"""Tests for what Part II's chapter 7 offers beyond FI of the predicted class: target-class FI,
 Cook's local influence (sensitivity_lib.influence.cook), the relative layer sensitivity
 (sensitivity_lib.influence.layers) and the Manhattan plot, each against an independent dense or
 finite-difference computation on tiny float64 networks."""

@@ -1,4 +1,4 @@
-"""Chapter 11's ``full`` profile (the paper's ResNet-56 on CIFAR-10, data supplied by the user) up to
+"""Chapter 12's ``full`` profile (the paper's ResNet-56 on CIFAR-10, data supplied by the user) up to
 its training: without the CIFAR-10 files it stops at once, naming the missing file; with them (here a
 tiny fake CIFAR-10 in the official python-pickle format) its data path builds the ResNet-56 problem.
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import write_fake_cifar10
 
-CHAPTER = Path(__file__).resolve().parents[1] / "chapters" / "part4" / "11_matrix_free.ipynb"
+CHAPTER = Path(__file__).resolve().parents[1] / "chapters" / "part4" / "12_matrix_free.ipynb"
 
 
 def data_path_cells() -> list[str]:
