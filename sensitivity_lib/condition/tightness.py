@@ -262,7 +262,7 @@ def book_network(
     the photos. ``source="full"``: ImageNet validation images (``$IMAGENET_VAL``) and MNIST test digits
     (``$MNIST_ROOT``), ``n`` of each drawn with ``seed``, and ``"alexnet"`` / ``"vgg19"`` with their
     ImageNet weights (a clear error names the missing file). ``standin_train``: the number of digits
-    the stand-ins train on (default: their recipe's 4,000).
+    the stand-ins train on (default: their recipe's 2,000).
     """
     from sensitivity_lib import data, zoo
 
