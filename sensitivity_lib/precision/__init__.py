@@ -44,7 +44,13 @@ from sensitivity_lib.precision.formats import (
 )
 from sensitivity_lib.precision.layers import hessian_trace, layer_bits, layer_condition, layer_sqnr, sqnr_db
 from sensitivity_lib.precision.margin import bits_for_amplification, logit_margin, min_input_bits
-from sensitivity_lib.precision.quantize import Quantized, activation_layers, quantized, weight_layers
+from sensitivity_lib.precision.quantize import (
+    Quantized,
+    activation_layers,
+    layer_outputs,
+    quantized,
+    weight_layers,
+)
 
 __all__ = [
     "FORMATS",
@@ -63,6 +69,7 @@ __all__ = [
     "hessian_trace",
     "layer_bits",
     "layer_condition",
+    "layer_outputs",
     "layer_sqnr",
     "logit_margin",
     "measured_bits",

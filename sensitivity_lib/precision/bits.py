@@ -58,7 +58,7 @@ from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.krylov import LinearOperator, top_singular
 from sensitivity_lib.precision.formats import FORMATS, fixed_format, float_format
 from sensitivity_lib.precision.margin import bits_for_amplification
-from sensitivity_lib.precision.quantize import activation_layers, quantized, weight_layers
+from sensitivity_lib.precision.quantize import activation_layers, layer_outputs, quantized, weight_layers
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.search import flip_search
 from sensitivity_lib.validation import check_model_input
@@ -179,11 +179,22 @@ def weight_condition(
 
 
 def _with_deltas(model: nn.Module, names: Sequence[str]):  # noqa: ANN202
-    """``F(x, deltas)``: the model with ``deltas[l]`` added to the output of layer ``l``."""
+    """``F(x, deltas)``: the model with ``deltas["name#k"]`` added to the ``k``-th output of the
+    module ``name``."""
     modules = dict(model.named_modules())
 
     def F(x: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-        handles = [modules[n].register_forward_hook(lambda m, a, out, d=deltas[n]: out + d) for n in names]
+        calls = dict.fromkeys(names, 0)
+
+        def hook(n: str):  # noqa: ANN202
+            def h(m, a, out):  # noqa: ANN001, ANN202
+                k = calls[n]
+                calls[n] += 1
+                return out + deltas[f"{n}#{k}"]
+
+            return h
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in names]
         try:
             return model(x).reshape(len(x), -1)
         finally:
@@ -223,37 +234,31 @@ def activation_condition(
     bad = [n for n in names if n not in modules]
     if bad or not names:
         raise ValueError(f"no such layer(s) {bad or names}; the layers: {activation_layers(model)}")
-    seen: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out)) for n in names
-    ]
-    try:
-        y = _logits(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in seen]
+    seen = layer_outputs(model, x, names)
+    y = _logits(model, x)
+    missing = [n for n in names if f"{n}#0" not in seen]
     if missing:
         raise ValueError(f"layers {missing} are never called in the forward pass")
-    shapes = {n: tuple(seen[n].shape[1:]) for n in names}
-    sizes = [math.prod(shapes[n]) for n in names]
-    scale = torch.sqrt(sum(_norms(seen[n]) ** 2 for n in names))
+    keys = list(seen)
+    shapes = {k: tuple(seen[k].shape[1:]) for k in keys}
+    sizes = [math.prod(shapes[k]) for k in keys]
+    scale = torch.sqrt(sum(_norms(seen[k]) ** 2 for k in keys))
     F = _with_deltas(model, names)
 
     def make(xs: torch.Tensor) -> LinearOperator:
-        zeros = {n: torch.zeros((len(xs), *shapes[n]), dtype=x.dtype, device=x.device) for n in names}
+        zeros = {k: torch.zeros((len(xs), *shapes[k]), dtype=x.dtype, device=x.device) for k in keys}
         state: dict = {}
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             parts = torch.split(v.to(x.dtype), sizes, dim=1)
-            t = {n: p.reshape(len(xs), *shapes[n]) for n, p in zip(names, parts, strict=True)}
+            t = {k: p.reshape(len(xs), *shapes[k]) for k, p in zip(keys, parts, strict=True)}
             return torch.func.jvp(lambda d: F(xs, d), (zeros,), (t,))[1].detach().double()
 
         def rmatvec(u: torch.Tensor) -> torch.Tensor:
             if "vjp" not in state:
                 state["vjp"] = torch.func.vjp(lambda d: F(xs, d), zeros)[1]
             (g,) = state["vjp"](u.to(x.dtype))
-            return torch.cat([g[n].reshape(len(xs), -1) for n in names], dim=1).detach().double()
+            return torch.cat([g[k].reshape(len(xs), -1) for k in keys], dim=1).detach().double()
 
         return LinearOperator(
             matvec, rmatvec, in_shape=(sum(sizes),), out_shape=(y.shape[1],), batch=len(xs),

@@ -36,7 +36,7 @@ from torch import nn
 
 from sensitivity_lib.precision.bits import measured_bits, weight_condition
 from sensitivity_lib.precision.formats import Format, as_format
-from sensitivity_lib.precision.quantize import activation_layers, quantized, weight_layers
+from sensitivity_lib.precision.quantize import activation_layers, layer_outputs, quantized, weight_layers
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.validation import check_model_input
 
@@ -184,7 +184,7 @@ def layer_sqnr(
     Returns
     -------
     dict
-        ``{layer: dB}`` over the batch (float).
+        ``{"layer#k": dB}`` over the batch (float), ``k`` counting the calls of a shared module.
     """
     check_model_input(model, x)
     if target not in ("weights", "activations", "all"):
@@ -197,18 +197,5 @@ def layer_sqnr(
         activations=f if target in ("activations", "all") else None, mode=mode,
     )  # fmt: skip
 
-    def record(call: nn.Module, m: nn.Module) -> dict[str, torch.Tensor]:
-        """Outputs of ``names`` in ``m`` (hooks after the rounding ones) while evaluating ``call``."""
-        seen: dict[str, torch.Tensor] = {}
-        mods = dict(m.named_modules())
-        hs = [mods[n].register_forward_hook(lambda _m, _a, o, n=n: seen.__setitem__(n, o)) for n in names]
-        try:
-            with torch.no_grad():
-                call(x)
-        finally:
-            for h in hs:
-                h.remove()
-        return seen
-
-    exact, rounded = record(model, model), record(q, q.model)
-    return {n: float(sqnr_db(exact[n], rounded[n])) for n in names}
+    exact, rounded = layer_outputs(model, x, names), layer_outputs(q.model, x, names, call=q)
+    return {k: float(sqnr_db(exact[k], rounded[k])) for k in exact}

@@ -16,9 +16,10 @@ What is not
     * operations that are not modules (a residual ``+``, ``torch.flatten`` in ``forward``): their
       results are not rounded, though their inputs, outputs of modules, are.
 
-The layers are the *leaf* modules that compute something: modules without children, except
-``Identity``, ``Flatten``, ``Dropout`` (whose output is their input) — :func:`activation_layers`;
-the layers with weights are :func:`weight_layers` (leaf modules owning parameters).
+The layers are the modules that compute something: leaves and modules owning parameters, except
+``Identity``, ``Flatten``, ``Dropout`` (whose output is their input) -- :func:`activation_layers`;
+a module called several times in one forward pass (a shared activation function) has each of its
+outputs rounded. The layers with weights are :func:`weight_layers` (modules owning parameters).
 
 Example
 -------
@@ -41,7 +42,7 @@ from torch import nn
 from sensitivity_lib.precision.formats import Format, as_format
 from sensitivity_lib.validation import check_eval
 
-__all__ = ["FormatSpec", "activation_layers", "weight_layers", "quantized", "Quantized"]
+__all__ = ["FormatSpec", "activation_layers", "weight_layers", "layer_outputs", "quantized", "Quantized"]
 
 #: A format, or a mapping from layer names to formats (only those layers are rounded).
 FormatSpec = str | Format | Mapping[str, str | Format] | None
@@ -53,29 +54,66 @@ _FORWARDED = ("input_shape", "classes", "name", "pretrained", "weights_note", "c
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 
 
+def _computes(m: nn.Module) -> bool:
+    """A module whose output :func:`quantized` rounds: a leaf, or a module owning parameters (a
+    convolution with a padding child), unless it passes its input through."""
+    owns = any(True for _ in m.parameters(recurse=False))
+    return (owns or not list(m.children())) and not isinstance(m, _PASS_THROUGH)
+
+
 def activation_layers(model: nn.Module) -> list[str]:
-    """Names of the leaf modules whose outputs :func:`quantized` rounds, in registration order.
+    """Names of the modules whose outputs :func:`quantized` rounds, in registration order: leaves
+    and modules owning parameters, except ``Identity``, ``Flatten`` and ``Dropout``.
 
     >>> activation_layers(nn.Sequential(nn.Linear(2, 2), nn.Identity(), nn.ReLU()))
     ['0', '2']
     """
-    return [
-        n
-        for n, m in model.named_modules()
-        if n and not list(m.children()) and not isinstance(m, _PASS_THROUGH)
-    ]
+    return [n for n, m in model.named_modules() if n and _computes(m)]
 
 
 def weight_layers(model: nn.Module) -> list[str]:
-    """Names of the leaf modules that own floating-point parameters (their weights and biases).
+    """Names of the modules that own floating-point parameters (weights and biases) directly.
 
     >>> weight_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
     ['0', '2']
     """
     return [
         n for n, m in model.named_modules()
-        if n and not list(m.children()) and any(p.is_floating_point() for p in m.parameters(recurse=False))
+        if n and any(p.is_floating_point() for p in m.parameters(recurse=False))
     ]  # fmt: skip
+
+
+def layer_outputs(
+    model: nn.Module, x: torch.Tensor, names: list[str] | None = None, *, call: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The outputs of the modules ``names`` of ``model`` (default :func:`activation_layers`) while
+    ``call(x)`` runs (default ``model(x)``; e.g. a :class:`Quantized` wrapper of ``model``), keyed
+    ``"name#k"`` for the ``k``-th call of a module (a shared module may be called more than once).
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
+    >>> list(layer_outputs(net, torch.zeros(1, 2)))
+    ['0#0', '1#0']
+    """
+    names = activation_layers(model) if names is None else list(names)
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    calls = dict.fromkeys(names, 0)
+
+    def hook(n: str):  # noqa: ANN202
+        def h(m, a, out):  # noqa: ANN001, ANN202
+            seen[f"{n}#{calls[n]}"] = out.detach()
+            calls[n] += 1
+
+        return h
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            (model if call is None else call)(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _per_layer(spec: FormatSpec, names: list[str], what: str) -> dict[str, Format]:
