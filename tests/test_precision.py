@@ -79,11 +79,13 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("name,p,e,dtype,view", CASTS, ids=[c[0] for c in CASTS])
 def test_round_float_equals_torch_casts_bit_for_bit(name, p, e, dtype, view):
     x = _probe_values(dtype, view)
-    ours = FORMATS[name].round(x)
+    # the float64 computation (on float32 tensors round_float takes torch's cast itself: see
+    # test_float32_shortcuts_equal_the_float64_path)
+    ours = FORMATS[name].round(x.double()).float()
     torch_cast = x.to(dtype).to(torch.float32)
     assert _same_bits(ours, torch_cast), x[~((ours == torch_cast) | (ours.isnan() & torch_cast.isnan()))][:10]
     if name != "float8_e4m3fn":  # the IEEE-like formats by their sizes alone
-        assert _same_bits(round_float(x, p, e), torch_cast)
+        assert _same_bits(round_float(x.double(), p, e).float(), torch_cast)
 
 
 def test_float8_e4m3fn_has_no_infinity_and_saturates_at_448():
@@ -357,3 +359,23 @@ def test_recommend_bits_reports_every_target():
     assert "<table" in r._repr_html_()
     with pytest.raises(ValueError):
         recommend_bits(net, x, margin_bits=-1)
+
+
+def test_float32_shortcuts_equal_the_float64_path():
+    """round_float on float32 tensors takes torch's casts or integer arithmetic on the bit patterns:
+    the same numbers as the exact float64 computation, ties and carries into the exponent included."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.exp2(torch.rand(50_000, generator=g) * 250 - 125) * torch.sign(torch.randn(50_000, generator=g))
+    ties = (torch.randint(1, 2**12, (5000,), generator=g).float() * 2 + 1) * 2.0**-13  # halfway cases
+    x = torch.cat([x, ties, -ties, torch.tensor([3.4e38, -3.4e38, 0.0, -0.0, math.inf, math.nan])]).float()
+    for p in (1, 2, 5, 8, 11, 17, 23, 24):
+        for e in (None, 8):
+            for mode in ("nearest", "chop"):
+                fast = round_float(x, p, e, mode=mode)
+                slow = round_float(x.double(), p, e, mode=mode).float()
+                assert _same_bits(fast, slow), (p, e, mode)
+    for name in ("float16", "bfloat16", "float8_e5m2", "float8_e4m3fn"):
+        f = FORMATS[name]
+        fast = f.round(x)
+        slow = f.round(x.double()).float()
+        assert _same_bits(fast, slow), name

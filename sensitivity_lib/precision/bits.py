@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -113,7 +114,8 @@ def weight_condition(
 
     ``J_w(x)`` is the (C x P) Jacobian of one image's logits with respect to the P parameters;
     ``||J_w||_2`` comes from Lanczos on ``J_w J_w^T`` in the output space (one ``jvp`` and one
-    ``vjp`` through ``torch.func.functional_call`` per iteration and image). A first-order quantity
+    ``vjp`` through ``torch.func.functional_call`` per iteration), one image at a time (a vector of
+    P float64 numbers is the memory it needs). A first-order quantity
     (``kind="estimate"``): the Ritz value is never above ``||J_w||``, and the bits it predicts are
     not certified.
 
@@ -139,41 +141,41 @@ def weight_condition(
     y = _logits(model, x)
     C = y.shape[1]
 
-    def make(xs: torch.Tensor) -> LinearOperator:
-        fns = []
-        for i in range(len(xs)):
-            xi = xs[i : i + 1]
+    def one(xi: torch.Tensor) -> LinearOperator:
+        """The operator of one image (its P-vectors are the memory: one image at a time)."""
 
-            def f(p: dict, xi=xi) -> torch.Tensor:  # noqa: ANN001
-                return torch.func.functional_call(model, p, (xi,), strict=False).reshape(-1)
+        def f(p: dict) -> torch.Tensor:
+            return torch.func.functional_call(model, p, (xi,), strict=False).reshape(1, -1)
 
-            fns.append(f)
+        state: dict = {}
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            out = []
-            for i, f in enumerate(fns):
-                parts = torch.split(v[i].to(x.dtype), sizes)
-                tangent = {k: t.view_as(params[k]) for k, t in zip(keys, parts, strict=True)}
-                out.append(torch.func.jvp(f, (params,), (tangent,))[1].detach().double())
-            return torch.stack(out)
-
-        vjps = {}
+            parts = torch.split(v[0].to(x.dtype), sizes)
+            tangent = {k: t.view_as(params[k]) for k, t in zip(keys, parts, strict=True)}
+            return torch.func.jvp(f, (params,), (tangent,))[1].detach().double()
 
         def rmatvec(u: torch.Tensor) -> torch.Tensor:
-            out = []
-            for i, f in enumerate(fns):
-                if i not in vjps:
-                    vjps[i] = torch.func.vjp(f, params)[1]
-                (g,) = vjps[i](u[i].to(x.dtype))
-                out.append(torch.cat([g[k].reshape(-1) for k in keys]).detach().double())
-            return torch.stack(out)
+            if "vjp" not in state:
+                state["vjp"] = torch.func.vjp(f, params)[1]
+            (g,) = state["vjp"](u.to(x.dtype))
+            return torch.cat([g[k].reshape(-1) for k in keys]).detach().double()[None]
 
         return LinearOperator(
-            matvec, rmatvec, in_shape=(P,), out_shape=(C,), batch=len(xs), dtype=torch.float64,
-            device=x.device, restrict=lambda idx: make(xs[idx]),
-        )  # fmt: skip
+            matvec, rmatvec, in_shape=(P,), out_shape=(C,), batch=1, dtype=torch.float64, device=x.device
+        )
 
-    r = top_singular(make(x.detach()), side="output", tol=tol, max_iter=max_iter, generator=generator)
+    runs = [
+        top_singular(
+            one(x[i : i + 1].detach()), side="output", tol=tol, max_iter=max_iter, generator=generator
+        )
+        for i in range(len(x))
+    ]
+    r = SimpleNamespace(
+        value=torch.cat([q.value for q in runs]),
+        iterations=torch.cat([q.iterations.reshape(-1) for q in runs]),
+        residual=torch.cat([q.residual.reshape(-1) for q in runs]),
+        converged=torch.cat([q.converged.reshape(-1) for q in runs]),
+    )  # fmt: skip
     w = torch.sqrt(sum(params[k].double().pow(2).sum() for k in keys))
     return _estimate(r, w.expand(len(x)), y, "weights:lanczos", {"layers": names, "n": P})
 

@@ -24,7 +24,10 @@ Modes
 
 Every rounding is computed in float64 (exact for every format of at most 53 significand bits) by
 one private function, ``_round_scaled`` (round ``x 2^-q`` to an integer, scale back exactly by
-``ldexp``), and returned in ``x``'s dtype. ``nan`` stays ``nan``; ``-0.0`` stays ``-0.0``.
+``ldexp``), and returned in ``x``'s dtype; two shortcuts give the same numbers faster on float32
+tensors (the tests compare them with the float64 path): torch's own casts for float16, bfloat16 and
+the float8 formats, and integer arithmetic on the bit patterns for normal numbers and an exponent
+range at least float32's. ``nan`` stays ``nan``; ``-0.0`` stays ``-0.0``.
 
 :data:`FORMATS` names the formats the book uses (IEEE float32 / float16, bfloat16, float8 e5m2 and
 e4m3fn, TensorFloat-32, fixed-point Qi.f); every function that asks for a format takes a name or a
@@ -91,6 +94,30 @@ def _round_scaled(
     return torch.ldexp(r, torch.as_tensor(q, device=x.device))
 
 
+#: Formats whose round-to-nearest equals torch's cast from float32 bit for bit (tests/test_precision.py
+#: checks every value, tie and neighbour): ``(p, e, max_value, saturate) -> dtype``.
+_TORCH_CASTS = {
+    (11, 5, None, False): torch.float16,
+    (8, 8, None, False): torch.bfloat16,
+    (3, 5, None, False): torch.float8_e5m2,
+    (4, 4, 448.0, True): torch.float8_e4m3fn,
+}
+
+
+def _fast_float32(x: torch.Tensor, p: int, mode: str) -> torch.Tensor:
+    """Round normal float32 numbers to ``p <= 24`` significand bits on their bit patterns: add half
+    an ulp minus one, plus the last kept bit (ties to even), and clear the dropped bits. A carry moves
+    into the exponent as it should, and past the largest float32 to infinity."""
+    drop = 24 - p
+    if drop == 0:
+        return x.clone()
+    b = x.view(torch.int32)
+    if mode == "nearest":
+        b = b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)
+    r = (b & ~((1 << drop) - 1)).view(torch.float32)
+    return torch.where(torch.isfinite(x), r, x)
+
+
 def round_float(
     x: torch.Tensor,
     significand_bits: int,
@@ -142,6 +169,16 @@ def round_float(
     _check_mode(mode)
     if not torch.is_floating_point(x):
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    if x.dtype == torch.float32 and mode == "nearest" and exponent_bits is not None:
+        cast = _TORCH_CASTS.get((p, int(exponent_bits), max_value, bool(saturate)))
+        if cast is not None:  # torch's own cast: the same numbers, faster
+            return x.detach().to(cast).to(torch.float32)
+    if (
+        x.dtype == torch.float32 and mode != "stochastic" and p <= 24 and max_value is None
+        and not saturate and exponent_bits in (None, 8)
+        and not bool(((x.abs() < 2.0**-126) & (x != 0)).any())
+    ):  # fmt: skip
+        return _fast_float32(x.detach(), p, mode)  # float32's range is that of 8 exponent bits
     x64 = x.detach().to(torch.float64)
     finite = torch.isfinite(x64)
     safe = torch.where(finite, x64, torch.zeros_like(x64))

@@ -197,13 +197,16 @@ def quantized(
     qin = None if inputs is None else as_format(inputs)
     wl = _per_layer(weights, weight_layers(model), "weights")
     al = _per_layer(activations, activation_layers(model), "activations")
-    copy_ = copy.deepcopy(model)
+    # a copy of the modules that shares every tensor; the rounded parameters are new tensors
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    copy_ = copy.deepcopy(model, memo=shared)
     modules = dict(copy_.named_modules())
-    with torch.no_grad():
-        for name, fmt in wl.items():
-            for p in modules[name].parameters(recurse=False):
-                if p.is_floating_point():
-                    p.copy_(fmt.round(p, mode=mode, generator=generator))
+    for name, fmt in wl.items():
+        m = modules[name]
+        for k, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                rounded = fmt.round(p.detach(), mode=mode, generator=generator)
+                setattr(m, k, nn.Parameter(rounded, requires_grad=p.requires_grad))
     for name, fmt in al.items():
 
         def hook(module, args, out, fmt=fmt):  # noqa: ANN001, ANN202
