@@ -379,3 +379,15 @@ def test_float32_shortcuts_equal_the_float64_path():
         fast = f.round(x)
         slow = f.round(x.double()).float()
         assert _same_bits(fast, slow), name
+
+
+def test_margin_criterion_is_finer_than_flips():
+    """A flip needs the logits to move by at least g / sqrt(2): the margin criterion never asks for
+    fewer bits than the flip criterion."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    x = torch.rand(10, 6, dtype=torch.float64)
+    for target in ("inputs", "weights"):
+        flip = measured_bits(net, x, target, bits=range(1, 30))
+        margin = measured_bits(net, x, target, bits=range(1, 30), criterion="margin")
+        assert bool((margin >= flip).all())

@@ -58,7 +58,7 @@ from sensitivity_lib.condition.lipschitz import global_condition
 from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.krylov import LinearOperator, top_singular
 from sensitivity_lib.precision.formats import FORMATS, fixed_format, float_format
-from sensitivity_lib.precision.margin import bits_for_amplification
+from sensitivity_lib.precision.margin import bits_for_amplification, logit_margin
 from sensitivity_lib.precision.quantize import activation_layers, layer_outputs, quantized, weight_layers
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.search import flip_search
@@ -357,11 +357,17 @@ def measured_bits(
     layers: Sequence[str] | None = None,
     exponent_bits: int | None = None,
     int_bits: int | None = None,
+    criterion: str = "flip",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per image, the smallest width ``t`` in ``bits`` such that rounding ``target`` to every width
     from ``t`` to ``max(bits)`` changes no prediction (a scan by
     :func:`sensitivity_lib.search.flip_search` from wide to narrow).
+
+    With ``criterion="margin"`` the test is the one the predictions bound instead: the logits move
+    by less than ``g / sqrt(2)`` (``g`` the gap between the top two), so that no change of that
+    size in any direction could flip the decision. It is a continuous, hence finer, measurement
+    of the same sensitivity (a flip implies it is violated, not conversely).
 
     Parameters
     ----------
@@ -379,6 +385,8 @@ def measured_bits(
         The widths tried, increasing.
     layers
         Round only these layers' weights or outputs (``target`` ``"weights"`` or ``"activations"``).
+    criterion
+        ``"flip"`` (the prediction changes) or ``"margin"`` (the logits move by ``g / sqrt(2)``).
 
     Returns
     -------
@@ -394,7 +402,11 @@ def measured_bits(
         raise ValueError(f"bits must be an increasing sequence of widths >= 1, got {bits!r}")
     if layers is not None and target not in ("weights", "activations"):
         raise ValueError("layers= applies to target 'weights' or 'activations'")
-    y0 = _logits(model, x).argmax(1)
+    if criterion not in ("flip", "margin"):
+        raise ValueError(f"criterion must be 'flip' or 'margin', got {criterion!r}")
+    logits = _logits(model, x)
+    y0 = logits.argmax(1)
+    limit = logit_margin(logits) / math.sqrt(2)
     cache: dict[int, nn.Module] = {}
 
     def model_at(t: int) -> nn.Module:
@@ -413,7 +425,10 @@ def measured_bits(
     def changed(size: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         t = int(round(-math.log2(float(size[0]))))
         with torch.no_grad():
-            return model_at(t)(x[idx]).reshape(len(idx), -1).argmax(1) != y0[idx]
+            out = model_at(t)(x[idx]).reshape(len(idx), -1)
+        if criterion == "margin":
+            return _norms(out - logits[idx]) >= limit[idx]
+        return out.argmax(1) != y0[idx]
 
     sizes = [2.0**-t for t in reversed(widths)]  # increasing rounding errors
     r = flip_search(changed, len(x), mode="scan", grid=sizes)

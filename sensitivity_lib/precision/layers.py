@@ -52,9 +52,11 @@ def layer_bits(
     kind: str = "float",
     mode: str = "nearest",
     bits: Sequence[int] = range(1, 17),
+    criterion: str = "flip",
 ) -> dict[str, torch.Tensor]:
     """Measured bits of each layer alone: only layer ``l``'s weights (``target="weights"``) or output
-    (``"activations"``) rounded, per image (:func:`~sensitivity_lib.precision.bits.measured_bits`).
+    (``"activations"``) rounded, per image (:func:`~sensitivity_lib.precision.bits.measured_bits`,
+    whose ``criterion`` this passes on).
 
     Returns
     -------
@@ -65,7 +67,10 @@ def layer_bits(
         raise ValueError(f"target must be 'weights' or 'activations', got {target!r}")
     names = list(layers) if layers is not None else (
         weight_layers(model) if target == "weights" else activation_layers(model))  # fmt: skip
-    return {n: measured_bits(model, x, target, kind=kind, mode=mode, bits=bits, layers=[n]) for n in names}
+    return {
+        n: measured_bits(model, x, target, kind=kind, mode=mode, bits=bits, layers=[n], criterion=criterion)
+        for n in names
+    }
 
 
 def layer_condition(
@@ -147,7 +152,7 @@ def hessian_trace(
                 k: (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.dtype).to(p.device)
                 for k, p in params.items()
             }
-            hv = torch.func.jvp(g, (params,), (v,))[1]
+            hv = {k: t.detach() for k, t in torch.func.jvp(g, (params,), (v,))[1].items()}
             draws.append(sum(float((v[k].double() * hv[k].double()).sum()) for k in params))
         d = torch.tensor(draws, dtype=torch.float64)
         m = sum(p.numel() for p in params.values())
