@@ -465,7 +465,7 @@ class BitReport:
         """A pandas DataFrame, one row per target (pandas is imported here only)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows).T.rename_axis("rounded")
+        return pd.DataFrame.from_dict(self.rows, orient="index").rename_axis("rounded")
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
