@@ -18,6 +18,9 @@ Its modules::
     tightness     every per-image measurement of the chapter on tightness at the decision,
                   shardable over processes (``condition.tightness.measure``, ``measure_sharded``)
 
+Rounding, number formats and the bit counts these condition numbers predict live in
+:mod:`sensitivity_lib.precision` (Part I's closing chapter).
+
 The functions are re-exported here (``condition.local_condition(model, x)``), except the tightness
 module's, which are used through it (``condition.tightness.measure``).
 """
