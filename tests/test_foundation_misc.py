@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sensitivity_lib as sl
-from sensitivity_lib import condition, data, precision, zoo
+from sensitivity_lib import condition, data, zoo
 from sensitivity_lib.results import Estimate
 
 SIZES = {"quick": dict(n=1), "book": dict(n=2), "full": dict(n=3)}
@@ -36,16 +36,6 @@ def test_estimate():
         float(e)
     with pytest.raises(ValueError, match="kind must be"):
         Estimate(1.0, "guess", method="x")
-
-
-def test_round_to_levels():
-    x = torch.rand(1, 1, 16, 16)
-    for b in (1, 4, 8):
-        r = precision.round_to_levels(x, b)
-        assert (r - x).abs().max() <= 0.5 / (2**b - 1) + 1e-7
-        assert len(torch.unique(r)) <= 2**b
-    with pytest.raises(ValueError):
-        precision.round_to_levels(x, 0)
 
 
 def test_smallest_flip_on_a_linear_classifier():
