@@ -17,6 +17,9 @@ The map of the package::
         pseudospectra  sigma_min(zI - A) on a grid (Schur + batched inverse Lanczos), pseudospectral
                      radius and abscissa, Kreiss constant, departures from normality, transient growth
     Part I      condition/   a condition number for a whole network (Maheshwari et al.)
+                precision/   from a condition number to bits: number formats and every rounding,
+                             quantized models, predicted and measured bits for inputs, weights and
+                             activations, per-layer rankings (condition, Hessian trace, SQNR)
     Part II     influence/   influence on a perturbation manifold (Shu & Zhu)
     Part III    recurrent/   recurrent networks: normalised spectra, robustness (Sengupta & Friston)
     Part IV     setvalued/   set-valued sensitivity of training: graphical derivative, Lipschitz

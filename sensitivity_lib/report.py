@@ -51,8 +51,8 @@ from torch import nn
 from sensitivity_lib.attacks import minimal_perturbation
 from sensitivity_lib.condition.lipschitz import global_condition, lipschitz_bound
 from sensitivity_lib.condition.local import local_condition
-from sensitivity_lib.condition.precision import min_input_bits
 from sensitivity_lib.condition.radius import certified_radius, first_order_radius
+from sensitivity_lib.precision.margin import min_input_bits
 from sensitivity_lib.validation import check_model_input
 
 __all__ = ["MEASURES", "Report", "sensitivity_report"]

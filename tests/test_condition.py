@@ -15,6 +15,7 @@ from torch import nn
 
 from sensitivity_lib import condition as C
 from sensitivity_lib.condition import lipschitz as L
+from sensitivity_lib.precision import min_input_bits, round_float
 
 # ----------------------------------------------------------------------------------------------
 # E0 against the dense Jacobian, and the ordering E0 <= E2 <= E1
@@ -144,26 +145,6 @@ def test_lenet5_ordering_and_reproducibility():
 # Bits
 
 
-def test_round_significand_matches_hardware_formats():
-    g = torch.Generator().manual_seed(0)
-    x = torch.exp(torch.randn(10_000, generator=g, dtype=torch.float64) * 3)
-    x = x.clamp(2.0**-14, 2.0**15)  # the normal range of float16 (no subnormals, no overflow)
-    x = x * torch.sign(torch.randn(10_000, generator=g, dtype=torch.float64))
-    assert torch.equal(C.round_significand(x, 24), x.float().double())
-    # torch casts float64 -> float16 through float32 (double rounding), so compare on inputs that
-    # are float32 numbers, where that cast is correctly rounded
-    x32 = x.float().double()
-    assert torch.equal(C.round_significand(x32, 11), x32.float().half().double())
-    assert torch.equal(C.round_significand(x32, 8), x32.float().bfloat16().double())
-    for t in (3, 7, 16):
-        rel = ((C.round_significand(x, t) - x) / x).abs()
-        assert float(rel.max()) <= 2.0**-t
-        chop = C.round_significand(x, t, mode="chop")
-        assert float(((chop - x) / x).abs().max()) < 2.0 ** (1 - t) and bool((chop.abs() <= x.abs()).all())
-    with pytest.raises(ValueError):
-        C.round_significand(x, 0)
-
-
 def test_min_input_bits_keeps_the_decision():
     """t_min from E1 suffices: the worst input error of relative size 2^-t keeps the arg-max."""
     torch.manual_seed(5)
@@ -171,7 +152,7 @@ def test_min_input_bits_keeps_the_decision():
     x = torch.rand(200, 8, dtype=torch.float64)
     y = lin(x).detach()
     e1 = C.global_condition(lin, x)
-    t = C.min_input_bits(e1.extra["log2"], y)
+    t = min_input_bits(e1.extra["log2"], y)
     top2 = y.topk(2, dim=1).indices
     W = lin.weight.detach()
     for i in range(len(x)):
@@ -185,7 +166,7 @@ def test_min_input_bits_keeps_the_decision():
         assert all(float(y[i, a] - y[i, c] - (W[a] - W[c]).norm() * eps) > 0 for c in others)
     # rounding the inputs to t bits therefore never flips the prediction
     flips = [
-        int(lin(C.round_significand(x[i : i + 1], int(t[i]))).argmax()) != int(top2[i, 0])
+        int(lin(round_float(x[i : i + 1], int(t[i]))).argmax()) != int(top2[i, 0])
         for i in range(len(x))
     ]
     assert not any(flips)
@@ -292,12 +273,12 @@ def test_rounding_flip_bits_against_a_direct_loop():
     for i in range(len(x)):
         t_ok = 25
         for t in range(24, 0, -1):
-            if int(lin(C.round_significand(x[i : i + 1], t)).argmax()) != int(y0[i]):
+            if int(lin(round_float(x[i : i + 1], t)).argmax()) != int(y0[i]):
                 break
             t_ok = t
         assert int(got[i]) == t_ok
     # the certified t_min from E1 is never below what rounding needs
-    t_min = C.min_input_bits(C.global_condition(lin, x).extra["log2"], lin(x).detach())
+    t_min = min_input_bits(C.global_condition(lin, x).extra["log2"], lin(x).detach())
     assert bool((t_min >= got.double()).all())
 
 

@@ -38,16 +38,6 @@ def test_estimate():
         Estimate(1.0, "guess", method="x")
 
 
-def test_round_to_levels():
-    x = torch.rand(1, 1, 16, 16)
-    for b in (1, 4, 8):
-        r = condition.round_to_levels(x, b)
-        assert (r - x).abs().max() <= 0.5 / (2**b - 1) + 1e-7
-        assert len(torch.unique(r)) <= 2**b
-    with pytest.raises(ValueError):
-        condition.round_to_levels(x, 0)
-
-
 def test_smallest_flip_on_a_linear_classifier():
     # f(x) = [w.x, 0]: the prediction flips where w.x changes sign; along -w/|w| that is at t = w.x/|w|
     w = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))

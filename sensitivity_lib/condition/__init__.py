@@ -11,13 +11,15 @@ Its modules::
                   differentiable
     approximate   E3: E1 with cheap layer norms (the paper's "approximation of the estimator")
     perturbation  random and gradient directions, observed amplification, the smallest flipping step
-    precision     rounding to fewer bits, and the input bit-width a condition number predicts
     peers         other per-image robustness scores (CLEVER, through adversarial-robustness-toolbox)
     radius        distances to the decision boundary the condition numbers predict: the certified
                   radius g / (sqrt(2) L) (a lower bound) and the first-order radius (DeepFool's
                   first step)
     tightness     every per-image measurement of the chapter on tightness at the decision,
                   shardable over processes (``condition.tightness.measure``, ``measure_sharded``)
+
+Rounding, number formats and the bit counts these condition numbers predict live in
+:mod:`sensitivity_lib.precision` (Part I's closing chapter).
 
 The functions are re-exported here (``condition.local_condition(model, x)``), except the tightness
 module's, which are used through it (``condition.tightness.measure``).
@@ -51,7 +53,6 @@ from sensitivity_lib.condition.perturbation import (
     rounding_flip_bits,
     smallest_flip,
 )
-from sensitivity_lib.condition.precision import min_input_bits, round_significand, round_to_levels
 from sensitivity_lib.condition.radius import certified_radius, first_order_radius, logit_gap
 
 __all__ = [
@@ -77,10 +78,7 @@ __all__ = [
     "logit_gap",
     "masked_product_condition",
     "max_amplification",
-    "min_input_bits",
     "random_directions",
-    "round_significand",
-    "round_to_levels",
     "rounding_flip_bits",
     "smallest_flip",
     "tightness",

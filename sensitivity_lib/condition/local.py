@@ -266,7 +266,7 @@ def componentwise_condition(
     and the input bits that componentwise rounding needs, to first order.
 
     The natural measure for rounding each input separately (every pixel to ``t`` significand
-    bits: ``|dx_j| <= 2^-t |x_j|``, as :func:`~sensitivity_lib.condition.precision.round_significand` does).
+    bits: ``|dx_j| <= 2^-t |x_j|``, as :func:`~sensitivity_lib.precision.formats.round_float` does).
     To first order output ``i`` then moves by at most ``2^-t (|J| |x|)_i``, and this bound is
     attained (``dx_j = 2^-t sign(J_ij) |x_j|``): unlike the normwise E0 it is exact for this
     perturbation set, not an upper bound over a larger ball. It is never above the normwise
@@ -282,7 +282,7 @@ def componentwise_condition(
     ``t_cw(x) = ceil(max_b log2(sum_j |J_aj - J_bj| |x_j| / (f_a - f_b)))``,
 
     with no factor ``sqrt(2)`` and no worst case over a ball (compare
-    :func:`~sensitivity_lib.condition.precision.min_input_bits`). A first-order prediction: rounding errors
+    :func:`~sensitivity_lib.precision.margin.min_input_bits`). A first-order prediction: rounding errors
     are not infinitesimal, and the model is only piecewise smooth.
 
     Cost: one backward pass per output (the rows of ``J``, all samples at once, ``chunk`` rows per

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensitivity_lib.condition._common import check_output, norms, unchecked
-from sensitivity_lib.condition.precision import round_significand
+from sensitivity_lib.precision.formats import round_float
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.search import flip_search
 from sensitivity_lib.validation import check_batch, check_model_input
@@ -142,7 +142,8 @@ def rounding_flip_bits(
     bits
         Increasing significand widths to try (default 1 ... 24).
     mode
-        ``"nearest"`` or ``"chop"`` (see :func:`~sensitivity_lib.condition.precision.round_significand`).
+        ``"nearest"``, ``"chop"`` or ``"stochastic"`` (see
+        :func:`~sensitivity_lib.precision.formats.round_float`; unbounded exponent).
 
     Returns
     -------
@@ -159,7 +160,7 @@ def rounding_flip_bits(
 
     def changed(size: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         t = int(round(-math.log2(float(size[0]))))
-        return f(round_significand(x[idx], t, mode)).argmax(1) != y0[idx]
+        return f(round_float(x[idx], t, mode=mode)).argmax(1) != y0[idx]
 
     sizes = [2.0**-t for t in reversed(widths)]  # increasing rounding errors
     r = flip_search(changed, len(x), mode="scan", grid=sizes)

@@ -22,7 +22,7 @@ What :func:`measure` returns (one row per image, float64 unless said)
     ``rounding_bits`` (:func:`~sensitivity_lib.condition.perturbation.rounding_flip_bits`); for every
     attack ``a`` the minimal 2-norm ``a`` (``inf``: none found), ``a_rho`` (over ``||x||``) and, for
     FGSM / PGD, ``a_eps``; with ``condition=True`` ``e0_log2``, ``e1_log2``, ``t_e0``, ``t_e1`` (the
-    bit-widths of :func:`~sensitivity_lib.condition.precision.min_input_bits`); with ``clever``
+    bit-widths of :func:`~sensitivity_lib.precision.margin.min_input_bits`); with ``clever``
     the CLEVER score ``clever``.
 
 Sharding
@@ -54,8 +54,9 @@ from sensitivity_lib.condition.lipschitz import global_condition, lipschitz_boun
 from sensitivity_lib.condition.local import local_condition
 from sensitivity_lib.condition.peers import clever_l2
 from sensitivity_lib.condition.perturbation import NOISE_KINDS, random_directions, rounding_flip_bits
-from sensitivity_lib.condition.precision import min_input_bits, round_significand
 from sensitivity_lib.condition.radius import certified_radius, first_order_radius
+from sensitivity_lib.precision.formats import round_float
+from sensitivity_lib.precision.margin import min_input_bits
 from sensitivity_lib.results import Estimate
 from sensitivity_lib.search import flip_search
 from sensitivity_lib.validation import check_model_input
@@ -189,7 +190,7 @@ def measure(
         rate = torch.full((len(x), len(sizes)), math.nan, dtype=torch.float64)
         for j, s in enumerate(sizes):
             if s >= 1:  # rounding to s >= 1 significand bits
-                rate[:, j] = (predict(model, round_significand(x, s), batch_size).cpu() != pred).double()
+                rate[:, j] = (predict(model, round_float(x, s), batch_size).cpu() != pred).double()
         out["rounding_rate"] = rate
         out["rounding_bits"] = rounding_flip_bits(model, x, bits=range(1, 25)).cpu()
     for key, options in attacks.items():
