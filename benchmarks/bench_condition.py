@@ -34,17 +34,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 
 import torch
+from timing import timed
 
 from sensitivity_lib import condition, data, zoo
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
 
 
 def first_order_distance(model, x, jnorm):

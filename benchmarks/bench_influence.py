@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
+from timing import timed
 
 from sensitivity_lib import influence
 from sensitivity_lib.influence.sa_dnn import recalibrate_bn, sa_resnet50
@@ -47,11 +47,6 @@ def ours(model, x, wrt):
         return r.matrix()[1].cpu().numpy()
     return r.value.reshape(x.shape[0], -1).squeeze(-1).cpu().numpy()
 
-
-def timed(fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t
 
 
 def main() -> None:

@@ -28,17 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from timing import timed
 
 from sensitivity_lib import condition, data, precision, zoo
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
 
 
 def main() -> None:

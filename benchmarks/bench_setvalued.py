@@ -61,11 +61,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 from torch import nn
 
 from sensitivity_lib import data, krylov
@@ -119,11 +119,6 @@ def damped_problem(loss, w_bar: torch.Tensor, damping: float):
 
     return loss_lambda, lam
 
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def main() -> int:

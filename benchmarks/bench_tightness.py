@@ -26,17 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+from timing import timed
 
 from sensitivity_lib import attacks, condition, data, zoo
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
 
 
 def main() -> None:

@@ -70,6 +70,30 @@ def test_restarted_lanczos_and_input_space():
     assert torch.allclose(r.value, top_sv(dense_jacobians(deep, x)), rtol=1e-8)
 
 
+def test_jacobian_operator_ad_modes_agree_with_dense():
+    """``ad="auto"`` picks forward mode for grouped (depthwise) convolutions and reverse mode
+    otherwise; every mode applies the same J and J^T as the dense Jacobian."""
+    torch.manual_seed(3)
+    depthwise = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+    ).double().eval()  # fmt: skip
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 5)).double().eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    v = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    u = torch.randn(2, 5, dtype=torch.float64)
+    for net in (depthwise, plain):
+        J = dense_jacobians(net, x)  # (N, 5, 50)
+        for ad in ("auto", "forward", "reverse"):
+            op = C.jacobian_operator(net, x, ad=ad)
+            assert torch.allclose(op.matvec(v), torch.einsum("boi,bi->bo", J, v.flatten(1)), atol=1e-12)
+            assert torch.allclose(op.rmatvec(u).flatten(1), torch.einsum("boi,bo->bi", J, u), atol=1e-12)
+        e = C.jacobian_norm(net, x, tol=1e-12)
+        assert torch.allclose(e.value, top_sv(J), rtol=1e-9)
+    with pytest.raises(ValueError, match="ad must be"):
+        C.jacobian_operator(plain, x, ad="sideways")
+
+
 def test_local_and_global_condition_formulas():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()

@@ -73,8 +73,14 @@ __all__ = [
 # E0: the exact local condition number
 
 
+def _has_grouped_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has a convolution with ``groups > 1`` (depthwise or grouped)."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return any(isinstance(m, convs) and m.groups > 1 for m in model.modules())
+
+
 def jacobian_operator(
-    model: nn.Module, x: torch.Tensor, *, output: str = "logits", ad: str = "reverse"
+    model: nn.Module, x: torch.Tensor, *, output: str = "logits", ad: str = "auto"
 ) -> LinearOperator:
     """The Jacobians ``J(x_i)`` of a batch as one :class:`~sensitivity_lib.krylov.LinearOperator`.
 
@@ -83,7 +89,12 @@ def jacobian_operator(
     transposed Jacobians at once, and ``J v`` is the derivative of that linear map (reverse over
     reverse: the forward pass is kept for the whole iteration) or, with ``ad="forward"``, a
     ``torch.func.jvp`` (the forward pass is recomputed every time). ``"reverse"`` falls back to
-    ``"forward"`` for an operation without double backward. The operator can be restricted to a
+    ``"forward"`` for an operation without double backward. ``"auto"`` (the default) is
+    ``"forward"`` for a model with grouped (e.g. depthwise) convolutions and ``"reverse"`` otherwise,
+    a rule of the model's structure (so the choice, and the rounding of the products, never depend
+    on timing): on 2 CPU threads one ``J J^T`` product of EfficientNet-Lite0 at 224 x 224 took
+    0.22 s forward against 0.58 s reverse (the double backward of a depthwise convolution is slow),
+    one of VGG-19 1.49 s reverse against 2.12 s forward. The operator can be restricted to a
     sub-batch (it re-linearises the network on those samples), so converged samples leave the
     iteration. Its vectors are float64; the products run in ``x``'s dtype.
 
@@ -96,24 +107,28 @@ def jacobian_operator(
     >>> torch.allclose(op.apply(torch.ones(4, 3, dtype=torch.float64)), net.weight.sum(1).expand(4, 2))
     True
     """
-    if ad not in ("reverse", "forward"):
-        raise ValueError(f"ad must be 'reverse' or 'forward', got {ad!r}")
+    if ad not in ("auto", "reverse", "forward"):
+        raise ValueError(f"ad must be 'auto', 'reverse' or 'forward', got {ad!r}")
+    if ad == "auto":
+        ad = "forward" if _has_grouped_conv(model) else "reverse"
     f = output_fn(model, output)
     x = x.detach()
     with torch.no_grad():
         out_dim = f(x[:1]).shape[1]
     state: dict = {"reverse": ad == "reverse"}
 
-    def linearise() -> None:
-        """Keep ``y = f(x)`` and ``g(u) = J^T u`` (a graph linear in ``u``) for the batch."""
-        if "y" in state:
-            return
-        with torch.enable_grad():
-            xi = x.clone().requires_grad_(True)
-            y = f(xi)
-            u0 = torch.zeros_like(y, requires_grad=True)
-            (g,) = torch.autograd.grad(y, xi, u0, create_graph=True)
-        state.update(xi=xi, y=y, u0=u0, g=g)
+    def linearise(transposed: bool = False) -> None:
+        """Keep ``y = f(x)`` for the batch and, for reverse-over-reverse products
+        (``transposed``), ``g(u) = J^T u`` (a graph linear in ``u``)."""
+        if "y" not in state:
+            with torch.enable_grad():
+                xi = x.clone().requires_grad_(True)
+                state.update(xi=xi, y=f(xi))
+        if transposed and "g" not in state:
+            with torch.enable_grad():
+                u0 = torch.zeros_like(state["y"], requires_grad=True)
+                (g,) = torch.autograd.grad(state["y"], state["xi"], u0, create_graph=True)
+            state.update(u0=u0, g=g)
 
     def rmatvec(u: torch.Tensor) -> torch.Tensor:
         linearise()
@@ -123,7 +138,7 @@ def jacobian_operator(
     def matvec(v: torch.Tensor) -> torch.Tensor:
         v = v.to(x.dtype)
         if state["reverse"]:
-            linearise()
+            linearise(transposed=True)
             try:  # J v as the derivative of the linear map u -> J^T u (reverse over reverse)
                 jv = torch.autograd.grad(state["g"], state["u0"], v, retain_graph=True)[0]
                 return jv.detach().double()
@@ -150,7 +165,7 @@ def jacobian_norm(
     max_iter: int = 200,
     method: str = "lanczos",
     krylov_dim: int = 100,
-    ad: str = "reverse",
+    ad: str = "auto",
     vectors: bool = False,
     generator: torch.Generator | None = None,
 ) -> Estimate:
@@ -174,7 +189,8 @@ def jacobian_norm(
         Budget (products with ``J J^T``), ``"lanczos"`` / ``"power"``, Lanczos basis size before a
         restart, and the random start.
     ad
-        ``"reverse"`` or ``"forward"``: how ``J v`` is applied (:func:`jacobian_operator`).
+        ``"auto"``, ``"reverse"`` or ``"forward"``: how ``J v`` is applied
+        (:func:`jacobian_operator`).
     vectors
         Also return ``extra["right"]``: per sample the unit input direction ``v`` (shape of ``x``)
         with ``||J v|| = value`` (the first-order worst-case perturbation direction).
