@@ -83,6 +83,25 @@ def test_no_escaped_pipe_in_table_rows(path):
     assert not bad, f"{path}: table rows with \\| (renders as |); use \\lVert ... \\rVert:\n" + "\n".join(bad)
 
 
+#: The rendered column shows about 75 characters of code in a 1280-pixel window.
+CODE_COLUMNS = 75
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_chapter_code_fits_the_column(path):
+    """Code lines longer than the rendered column end off-screen: keep them within it (the Colab
+    install cell, which the book removes from the page, excepted)."""
+    nb = json.loads((ROOT / path).read_text())
+    long = [
+        line
+        for cell in nb["cells"]
+        if cell["cell_type"] == "code" and not is_colab_cell(cell)
+        for line in "".join(cell["source"]).splitlines()
+        if len(line) > CODE_COLUMNS
+    ]
+    assert not long, f"{path}: code lines over {CODE_COLUMNS} characters:\n" + "\n".join(long)
+
+
 def test_escaped_pipe_rows_finds_norms_in_tables_only():
     text = "| E0 | $\\|J(x)\\|$ |\n| E1 | $\\lVert x\\rVert$ |\nprose $\\|x\\|$ is fine\n"
     assert escaped_pipe_rows(text) == ["| E0 | $\\|J(x)\\|$ |"]
