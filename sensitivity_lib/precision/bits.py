@@ -11,11 +11,12 @@ Norm and spaces
     vector, all outputs of the chosen layers (:func:`~sensitivity_lib.precision.quantize.activation_layers`)
     as one vector.
 Condition numbers (relative, per image)
-    inputs       ``kappa_x = ||J_x|| ||x|| / ||y||``: E0 (first order) and E1 (certified);
-    weights      ``kappa_w = ||J_w|| ||w|| / ||y||``, ``J_w`` the Jacobian of the logits with respect
-                 to the parameters (:func:`weight_condition`);
-    activations  ``kappa_a = ||J_a|| ||a|| / ||y||``, ``J_a`` the Jacobian of the logits with respect
-                 to perturbations added to the layers' outputs (:func:`activation_condition`).
+    * inputs, ``kappa_x = ||J_x|| ||x|| / ||y||``: E0 (first order) and E1 (certified);
+    * weights, ``kappa_w = ||J_w|| ||w|| / ||y||``, ``J_w`` the Jacobian of the logits with respect
+      to the parameters (:func:`weight_condition`);
+    * activations, ``kappa_a = ||J_a|| ||a|| / ||y||``, ``J_a`` the Jacobian of the logits with
+      respect to perturbations added to the layers' outputs (:func:`activation_condition`).
+
     All three are Lanczos estimates of ``||J||`` (:func:`sensitivity_lib.krylov.top_singular`),
     matrix-free by ``torch.func`` (``jvp`` / ``vjp``).
 Bits (:func:`predicted_bits`)
@@ -75,7 +76,7 @@ __all__ = [
     "recommend_bits",
 ]
 
-#: What is rounded: the input, the weights, the layers' outputs, or all three.
+#: What is rounded, the input, the weights, the layers' outputs, or all three.
 TARGETS: tuple[str, ...] = ("inputs", "weights", "activations", "all")
 #: Floating point (significand bits) or fixed point (fractional bits).
 KINDS: tuple[str, ...] = ("float", "fixed")

@@ -309,7 +309,7 @@ class Format:
 
     @property
     def bits(self) -> int | None:
-        """The bits that the given precision counts: significand bits (float) or fractional bits."""
+        """The bits that the given precision counts, significand bits (float) or fractional bits."""
         return self.significand_bits if self.kind == "float" else self.frac_bits
 
     @property
@@ -358,10 +358,10 @@ def fixed_format(frac_bits: int, int_bits: int | None = None) -> Format:
     return Format(f"Q{i}.{frac_bits}", "fixed", frac_bits=int(frac_bits), int_bits=int_bits)
 
 
-#: The named formats. IEEE 754 binary32 and binary16, bfloat16, TensorFloat-32 (NVIDIA's tf32: the
-#: range of float32, the significand of float16), the OCP 8-bit floats e5m2 (IEEE-like) and e4m3fn
+#: The named formats. IEEE 754 binary32 and binary16, bfloat16, TensorFloat-32 (NVIDIA's tf32, with the
+#: range of float32 and the significand of float16), the OCP 8-bit floats e5m2 (IEEE-like) and e4m3fn
 #: (no infinity, one NaN pattern, largest value 448, saturating like torch's cast), and
-#: fixed-point formats Qi.f with a sign bit: 8 bits Q3.4, 16 bits Q7.8, 32 bits Q15.16.
+#: fixed-point formats Qi.f with a sign bit (8 bits Q3.4, 16 bits Q7.8, 32 bits Q15.16).
 FORMATS: dict[str, Format] = {
     "float32": Format("float32", "float", 24, 8, torch_dtype=torch.float32),
     "tf32": Format("tf32", "float", 11, 8),
