@@ -101,6 +101,17 @@ def _estimate(r, scale: torch.Tensor, y: torch.Tensor, method: str, extra: dict[
     )  # fmt: skip
 
 
+def _layer_names(model: nn.Module, layers: Sequence[str] | None, default: list[str], what: str) -> list[str]:
+    """``layers`` (``default`` when None) as a list of module names of ``model``; a clear error
+    naming the unknown ones, and listing ``default`` as ``what``, otherwise (or when empty)."""
+    names = list(layers) if layers is not None else default
+    modules = dict(model.named_modules())
+    bad = [n for n in names if n not in modules]
+    if bad or not names:
+        raise ValueError(f"no such layer(s) {bad or names}; {what}: {default}")
+    return names
+
+
 def weight_condition(
     model: nn.Module,
     x: torch.Tensor,
@@ -127,11 +138,8 @@ def weight_condition(
         ``f_norm``, ``layers``.
     """
     check_model_input(model, x)
-    names = list(layers) if layers is not None else weight_layers(model)
+    names = _layer_names(model, layers, weight_layers(model), "layers with weights")
     modules = dict(model.named_modules())
-    bad = [n for n in names if n not in modules]
-    if bad or not names:
-        raise ValueError(f"no such layer(s) {bad or names}; layers with weights: {weight_layers(model)}")
     params = {
         f"{n}.{k}" if n else k: p.detach()
         for n in names for k, p in modules[n].named_parameters(recurse=False) if p.is_floating_point()
@@ -232,11 +240,7 @@ def activation_condition(
         ``f_norm``, ``layers``, ``n`` (entries of ``a`` per image).
     """
     check_model_input(model, x)
-    names = list(layers) if layers is not None else activation_layers(model)
-    modules = dict(model.named_modules())
-    bad = [n for n in names if n not in modules]
-    if bad or not names:
-        raise ValueError(f"no such layer(s) {bad or names}; the layers: {activation_layers(model)}")
+    names = _layer_names(model, layers, activation_layers(model), "the layers")
     seen = layer_outputs(model, x, names)
     y = _logits(model, x)
     missing = [n for n in names if f"{n}#0" not in seen]
