@@ -18,13 +18,19 @@ brackets, CPU seconds of this process (steadier when the machine is shared):
     ``sigma_min_grid(A, re, im)``: one real Schur decomposition (``A`` is real: the solves' matrix
     products then run in real arithmetic), then Lanczos
     (``sensitivity_lib.krylov.top_eig``, ``tol=1e-8`` on ``1 / sigma^2``) on the batched operators
-    ``(zI - T)^-1 (zI - T)^-H``, all grid points at once in chunks, converged points leaving, and the rows
-    below the real axis taken from their mirror images (``A`` is real: exact).
+    ``(zI - T)^-1 (zI - T)^-H``, coarse to fine (a quarter of the points from random starts, then
+    the rest from their neighbours' vectors), converged points leaving, and the rows below the real
+    axis taken from their mirror images (``A`` is real: exact).
 ``ours, every point``
     The same with ``symmetry=False``: every grid point iterated.
 ``dense``
     ``scipy.linalg.svdvals(z I - A)`` per point, the naive method (on ``--dense-points`` points
     spread over the grid when given, extrapolated to the whole grid; default: every point).
+
+``ours`` and ``dense`` are timed in ``--rounds`` alternations (default 5): round ``r`` runs ours
+on the whole grid, then the dense SVDs of one ``rounds``-th of the points; each round's ratio
+compares the two under the same machine conditions (the speed of a shared 2-core machine drifted
+by 30% within a minute), and the table shows the medians.
 ``point by point``
     Pitfall 1: the same inverse Lanczos (``top_eig``, same tolerance) one point at a time, each
     product two SciPy triangular solves (``solve_triangular``, LAPACK ``trtrs``) on the complex Schur
@@ -106,6 +112,7 @@ def main() -> None:
     ap.add_argument("--dense-points", type=int, default=0, help="0: every grid point")
     ap.add_argument("--loop-points", type=int, default=200)
     ap.add_argument("--thread-points", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of ours and the dense baseline")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -121,11 +128,30 @@ def main() -> None:
           f"[{x0:.3f}, {x1:.3f}] x [{y0:.3f}, {y1:.3f}] (EigTool's default window); tol {args.tol:g}; "
           "1 thread")  # fmt: skip
 
+    flat = Z.reshape(-1)
+    pick = np.arange(N)
+    if args.dense_points > 0:
+        pick = np.linspace(0, N - 1, args.dense_points).astype(int)
+    ref = np.empty(len(pick))
     with ps.pinned_threads(1):
         ps.sigma_min_grid(A, re[:4], im[:4], tol=args.tol)  # warm-up (imports, allocator)
-        with clock():
-            ours = ps.sigma_min_grid(A, re, im, tol=args.tol)
-        t_ours = (clock.wall, clock.cpu)
+        # ours and the dense baseline in alternation: round r times ours on the whole grid, then
+        # the dense SVDs of every rounds-th point from r (extrapolated to the grid), so that both
+        # sides of each ratio see the same machine (on a shared 2-core machine the speed of both
+        # drifted by 30% within a minute)
+        rounds, ours_t, dense_t = [], [], []
+        for r in range(args.rounds):
+            with clock():
+                ours = ps.sigma_min_grid(A, re, im, tol=args.tol)
+            ours_t.append((clock.wall, clock.cpu))
+            part = np.arange(r, len(pick), args.rounds)
+            with clock():
+                for i in part:
+                    ref[i] = scipy.linalg.svdvals(flat[pick[i]] * np.eye(args.n) - A)[-1]
+            dense_t.append((clock.wall * N / len(part), clock.cpu * N / len(part)))
+            rounds.append(dense_t[-1][0] / ours_t[-1][0])
+        t_ours = tuple(float(np.median([t[k] for t in ours_t])) for k in (0, 1))
+        t_dense = tuple(float(np.median([t[k] for t in dense_t])) for k in (0, 1))
         with clock():
             every = ps.sigma_min_grid(A, re, im, tol=args.tol, symmetry=False)
         t_every = (clock.wall, clock.cpu)
@@ -147,16 +173,6 @@ def main() -> None:
         pair = (clock.wall / len(zc), clock.cpu / len(zc))
         floor = (t_schur[0] + steps * pair[0], t_schur[1] + steps * pair[1])
 
-        # dense per-point SVDs
-        flat = Z.reshape(-1)
-        pick = np.arange(N)
-        if args.dense_points > 0:
-            pick = np.linspace(0, N - 1, args.dense_points).astype(int)
-        ref = np.empty(len(pick))
-        with clock():
-            for i, k in enumerate(pick):
-                ref[i] = scipy.linalg.svdvals(flat[k] * np.eye(args.n) - A)[-1]
-        t_dense = (clock.wall * N / len(pick), clock.cpu * N / len(pick))
         err = float(np.max(np.abs(s_ours.reshape(-1)[pick] - ref) / ref))
 
         # pitfall 1: one point at a time
@@ -190,7 +206,10 @@ def main() -> None:
     print(f"\n{'':34s} {'wall s':>8s} {'(cpu s)':>9s} {'dense / this':>13s} {'(cpu)':>7s}")
     for name, w, c, rw, rc, note in rows:
         print(f"{name:34s} {w:8.2f} {f'({c:.2f})':>9s} {rw:13.1f} {f'({rc:.1f})':>7s}   {note}")
-    print(f"\nours against dense: largest relative difference {err:.1e} on {len(pick)} points; "
+    print(f"\nours and dense in {args.rounds} alternating rounds (medians above); dense / ours per round: "
+          + ", ".join(f"{x:.1f}" for x in rounds)
+          + f"; ours {min(t[0] for t in ours_t):.2f}-{max(t[0] for t in ours_t):.2f} s wall")
+    print(f"ours against dense: largest relative difference {err:.1e} on {len(pick)} points; "
           f"point by point against ours: {err_loop:.1e}")  # fmt: skip
     print(f"ours / floor: {t_ours[0] / floor[0]:.2f} wall ({t_ours[1] / floor[1]:.2f} cpu): the rest is the "
           "Lanczos bookkeeping (vector updates, re-orthogonalisation, tridiagonal eigenproblems) and "

@@ -460,9 +460,18 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.complex128 if t.is_complex() else torch.float64)
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise ``a^H b`` of (B, n) tensors, in their dtype. In float64 and complex128 a batched
+    product: ``vecdot`` makes a temporary of the size of ``a`` there (fresh pages of memory at
+    every Lanczos step of a large batch); in float32 its fused reduction is the faster one."""
+    if a.dtype == torch.float32:
+        return torch.linalg.vecdot(a, b, dim=1)
+    return torch.bmm(a.conj().unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise ``a^H b`` of (B, n) tensors, in float64 (real part for complex)."""
-    return torch.linalg.vecdot(a, b, dim=1).real.double()
+    return _rowdot(a, b).real.double()
 
 
 def _apply_flat(op: LinearOperator, x: Tensor) -> Tensor:
@@ -596,12 +605,13 @@ class _Batch:
 
     def retire(self, done: Tensor, vectors: Tensor) -> Tensor | None:
         """Store and drop the ``done`` problems when the operator can be restricted; returns the
-        mask of the problems kept, or ``None`` when the batch stays as it is."""
+        mask of the problems kept, or ``None`` when the batch stays as it is. ``vectors``: the
+        final vectors of the ``done`` problems, in their order."""
         keep = ~done
         sub = self.op.restrict(torch.nonzero(keep).flatten().to(self.op.device))
         if sub is None:
             return None
-        self.store(torch.nonzero(done).flatten(), vectors)
+        self.vector[self.active[done.cpu()]] = vectors
         self.active = self.active[keep.cpu()]
         self.op = sub
         return keep
@@ -648,7 +658,7 @@ def _power(op: LinearOperator, x: Tensor, tol: float, max_iter: int, upper: Tens
             state.store(torch.arange(len(q)), q)
             return state, 0
         if bool(done.any()):
-            keep = state.retire(done, q)
+            keep = state.retire(done, q[done])
             if keep is not None:
                 q_new, invariant, q = q_new[keep], invariant[keep], q[keep]
                 known, verified_at = known[keep], verified_at[keep]
@@ -764,15 +774,16 @@ def _top_ritz_value(
     theta = torch.where(decoupled, torch.maximum(mu, a[:, -1]), x)
     done = decoupled.clone()
     tiny = 4 * eps * mu.abs().clamp_min(1e-300)  # a zero closer to mu than this is mu
+    aT, b2T = a.T.contiguous(), b2.T.contiguous()  # the pivot recurrence reads rows
     for _ in range(100):
         if bool(done.all()):
             break
-        d = a[:, 0] - x
+        d = aT[0] - x
         dp = torch.full_like(x, -1.0)
         for i in range(1, k):
-            r = b2[:, i - 1] / d
+            r = b2T[i - 1] / d
             dp = r * dp / d - 1.0
-            d = a[:, i] - x - r
+            d = aT[i] - x - r
         finite = torch.isfinite(d) & torch.isfinite(dp)
         right = finite & (d < 0)  # x above the zero
         lo = torch.where(right, lo, x)
@@ -810,43 +821,79 @@ def _top_ritz_value(
     return theta, _last_component_sq(a, b, theta, decoupled & (a[:, -1] > mu), decoupled)
 
 
-def _last_component_sq(a: Tensor, b: Tensor, theta: Tensor, one: Tensor, zero: Tensor) -> Tensor:
-    """``s_k^2`` for the unit eigenvectors of the tridiagonals ``(a, b)`` at their eigenvalues
-    ``theta`` (``(B,)``), by the twisted factorisation: the pivots of ``T - theta I`` from the top
-    (``d``) and from the bottom (``e``), the twist ``r`` where ``|gamma_r| = |d_r + e_r - (a_r -
-    theta)|`` is smallest (the component that the eigenvector cannot be small in), ``x_r = 1`` and
-    the ratios ``x_i / x_{i+1} = -b_i / d_i`` above ``r``, ``x_i / x_{i-1} = -b_{i-1} / e_i`` below
-    it, summed in logarithms (no overflow) (Dhillon & Parlett, *Multiple representations to
-    compute orthogonal eigenvectors of symmetric tridiagonal matrices*, LAA 387, 2004). ``one``
-    and ``zero`` force the value where the caller knows it (a decoupled last row)."""
+def _twisted(a: Tensor, b: Tensor, theta: Tensor, signs: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The eigenvectors of the tridiagonals ``(a, b)`` (``(B, k)``, ``(B, k - 1)``) at their
+    eigenvalues ``theta`` (``(B,)``), as ``log |x_i|`` and ``sign(x_i)`` with ``x_r = 1``, by the
+    twisted factorisation: the pivots of ``T - theta I`` from the top (``d``) and from the bottom
+    (``e``), the twist ``r`` where ``|gamma_r| = |d_r + e_r - (a_r - theta)|`` is smallest (the
+    component that the eigenvector cannot be small in), and the ratios ``x_i / x_{i+1} = -b_i /
+    d_i`` above ``r``, ``x_i / x_{i-1} = -b_{i-1} / e_i`` below it, summed in logarithms (no
+    overflow) (Dhillon & Parlett, *Multiple representations to compute orthogonal eigenvectors of
+    symmetric tridiagonal matrices*, LAA 387, 2004). A zero ``b`` makes the components beyond it
+    zero (``log |x| = -inf``). ``signs=False``: the logarithms only (the signs are ``None``)."""
     B, k = a.shape
     tiny = torch.finfo(torch.float64).tiny
-    b2 = b * b
     shift = a - theta[:, None]
+    # the pivot recurrences run over rows of the transposed (k, B) arrays (contiguous rows)
+    sT, b2T = shift.T.contiguous(), (b * b).T.contiguous()
 
     def nonzero(v: Tensor) -> Tensor:
         return torch.where(v != 0, v, torch.full_like(v, -tiny))
 
-    d = torch.empty_like(a)
-    e = torch.empty_like(a)
-    d[:, 0] = shift[:, 0]
+    dT = torch.empty_like(sT)
+    eT = torch.empty_like(sT)
+    dT[0] = sT[0]
     for i in range(1, k):
-        d[:, i] = shift[:, i] - b2[:, i - 1] / nonzero(d[:, i - 1])
-    e[:, k - 1] = shift[:, k - 1]
+        torch.sub(sT[i], b2T[i - 1] / nonzero(dT[i - 1]), out=dT[i])
+    eT[k - 1] = sT[k - 1]
     for i in range(k - 2, -1, -1):
-        e[:, i] = shift[:, i] - b2[:, i] / nonzero(e[:, i + 1])
+        torch.sub(sT[i], b2T[i] / nonzero(eT[i + 1]), out=eT[i])
+    d, e = dT.T, eT.T
     r = (d + e - shift).abs().argmin(1)  # (B,)
-    logb = b.abs().log()  # -inf where beta = 0: the components beyond are 0
-    up = logb - nonzero(d[:, :-1]).abs().log()  # log |x_i / x_{i+1}|, i = 0..k-2
-    down = logb - nonzero(e[:, 1:]).abs().log()  # log |x_i / x_{i-1}|, i = 1..k-1
+    dn, en = nonzero(d[:, :-1]), nonzero(e[:, 1:])
+    zero_b = b == 0  # a zero beta: the components beyond it (from r) are 0
+    cut = bool(zero_b.any())
+    logb = torch.where(zero_b, torch.ones_like(b), b.abs()).log() if cut else b.abs().log()
+    up = logb - dn.abs().log()  # log |x_i / x_{i+1}|, i = 0..k-2
+    down = logb - en.abs().log()  # log |x_i / x_{i-1}|, i = 1..k-1
     zero_col = torch.zeros(B, 1, dtype=a.dtype)
-    # S[i] = sum_{j >= i} up_j (S[k-1] = 0); W[i] = sum_{j <= i} down_j (W[0] = 0)
-    S = torch.cat([up.flip(1).cumsum(1).flip(1), zero_col], 1)
-    W = torch.cat([zero_col, down.cumsum(1)], 1)
+
+    def above(t: Tensor) -> Tensor:  # [i] = sum_{j >= i} t_j, and 0 at k - 1
+        return torch.cat([t.flip(1).cumsum(1).flip(1), zero_col], 1)
+
+    def below(t: Tensor) -> Tensor:  # [i] = sum_{j <= i} t_j (t indexed 1..k-1), and 0 at 0
+        return torch.cat([zero_col, t.cumsum(1)], 1)
+
     idx = torch.arange(k)[None, :]
     rr = r[:, None]
-    logx = torch.where(idx < rr, S - S.gather(1, rr), torch.where(idx > rr, W - W.gather(1, rr), 0.0))
-    logx = logx.nan_to_num(nan=-math.inf)
+
+    def twist(U: Tensor, D: Tensor) -> Tensor:
+        return torch.where(idx < rr, U - U.gather(1, rr), torch.where(idx > rr, D - D.gather(1, rr), 0.0))
+
+    logx = twist(above(up), below(down))
+    if cut:
+        zb = zero_b.to(a.dtype)
+        logx = torch.where(twist(above(zb), below(zb)) != 0, -math.inf, logx)
+    if not signs:
+        return logx, None
+    neg_up = ((b > 0) == (dn > 0)).to(a.dtype)  # -b_i / d_i < 0
+    neg_down = ((b > 0) == (en > 0)).to(a.dtype)
+    negatives = twist(above(neg_up), below(neg_down))
+    return logx, 1.0 - 2.0 * torch.remainder(negatives, 2.0)
+
+
+def _tridiagonal_vector(a: Tensor, b: Tensor, theta: Tensor) -> Tensor:
+    """The unit eigenvectors ``(B, k)`` of the tridiagonals ``(a, b)`` at their eigenvalues
+    ``theta`` (:func:`_twisted`): for the Ritz vectors, without an eigendecomposition."""
+    logx, sign = _twisted(a, b, theta)
+    return sign * (logx - 0.5 * torch.logsumexp(2 * logx, 1, keepdim=True)).exp()
+
+
+def _last_component_sq(a: Tensor, b: Tensor, theta: Tensor, one: Tensor, zero: Tensor) -> Tensor:
+    """``s_k^2`` for the unit eigenvectors of the tridiagonals ``(a, b)`` at their eigenvalues
+    ``theta`` (``(B,)``), from :func:`_twisted`. ``one`` and ``zero`` force the value where the
+    caller knows it (a decoupled last row)."""
+    logx, _ = _twisted(a, b, theta, signs=False)
     sk2 = (2 * logx[:, -1] - torch.logsumexp(2 * logx, 1)).exp()
     sk2 = torch.where(one, torch.ones_like(sk2), torch.where(zero, torch.zeros_like(sk2), sk2))
     return sk2.clamp(0.0, 1.0)
@@ -862,12 +909,43 @@ def _tridiagonal_top(alpha: Tensor, beta: Tensor, k: int) -> tuple[Tensor, Tenso
     return evals[:, -1], evecs[:, :, -1]
 
 
-def _basis(Q: Tensor, live: Tensor | None, cols, rows: Tensor | None = None) -> Tensor:
-    """The Lanczos basis buffer ``Q`` restricted to the running problems ``live`` (None: all rows),
-    or to their subset ``rows``, and to the basis vectors ``cols``."""
-    if live is None:
-        return Q[:, cols] if rows is None else Q[rows, cols]
-    return Q[live if rows is None else live[rows], cols]
+class _Basis:
+    """The Lanczos vectors of one cycle, stored as they were made: block ``i`` holds ``q_i`` of the
+    problems running at step ``i``, compact, and ``rows[:, i]`` says where each problem still
+    running finds its row in it. A step appends its vector without copying, and problems that
+    converge leave without the others' vectors being moved (only ``rows`` shrinks)."""
+
+    def __init__(self, q: Tensor, m: int) -> None:
+        self.blocks = [q]
+        # rows[:, i] for the blocks so far (columns beyond are filled as blocks arrive)
+        self.rows = torch.empty(len(q), m, dtype=torch.long, device=q.device)
+        self.rows[:, 0] = torch.arange(len(q), device=q.device)
+        self.fresh = [True]  # block i's rows are exactly the running problems, in order
+
+    def append(self, q: Tensor) -> None:
+        self.rows[:, len(self.blocks)] = torch.arange(len(q), device=q.device)
+        self.blocks.append(q)
+        self.fresh.append(True)
+
+    def keep(self, keep: Tensor) -> None:
+        self.rows = self.rows[keep]
+        self.fresh = [False] * len(self.blocks)
+
+    def _block(self, i: int, sub: Tensor | None) -> Tensor:
+        if sub is None:
+            return self.blocks[i] if self.fresh[i] else self.blocks[i][self.rows[:, i]]
+        return self.blocks[i][self.rows[sub, i]]
+
+    def gather(self, k: int, sub: Tensor | None = None) -> Tensor:
+        """The first ``k`` vectors of the running problems (or of their subset ``sub``): ``(B, k, n)``."""
+        return torch.stack([self._block(i, sub) for i in range(k)], 1)
+
+    def combine(self, s: Tensor, sub: Tensor | None = None) -> Tensor:
+        """``sum_i s[:, i] q_i`` for the running problems (or ``sub``), ``s`` of shape ``(B, k)``."""
+        out = self._block(0, sub) * s[:, :1]
+        for i in range(1, s.shape[1]):
+            out.addcmul_(self._block(i, sub), s[:, i : i + 1])
+        return out
 
 
 def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
@@ -889,11 +967,10 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
     reorths = 0
     while True:
         nb = q.shape[0]
-        Q = q.new_empty(nb, m, n)  # only the first j + 1 rows are ever read
-        Q[:, 0] = q
-        # the rows of Q that belong to the problems still running (None: all of them); problems
-        # that converge leave without the others' bases being copied
-        live: Tensor | None = None
+        Q = _Basis(q, m)
+        # q_j and q_{j-1} of the running problems: the three-term recurrence reads them at every
+        # step, the whole basis Q only at re-orthogonalisations and Ritz vectors
+        q_cur, q_prev = q, None
         alpha = torch.zeros(nb, m, dtype=torch.float64)
         beta = torch.zeros(nb, m, dtype=torch.float64)
         # omega[:, k] estimates q_j . q_k for the current j, omega_prev the same for j - 1
@@ -905,20 +982,21 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
         sk2_prev = torch.ones(nb, dtype=torch.float64)  # and its eigenvector's last component^2
         j = 0
         while True:
-            qj = _basis(Q, live, j)
+            qj = q_cur
             w = _apply_flat(state.op, qj)
             steps += 1
             # the three-term recurrence (modified Gram-Schmidt form, fused in-place updates), then a
             # second local pass against q_j and q_{j-1} so that q_{j+1} . q_j stays at rounding level
+            # (classical Gram-Schmidt on the two: both coefficients before either update)
             if j > 0:
-                w.addcmul_(_basis(Q, live, j - 1), beta[:, j - 1, None].to(w.dtype), value=-1)
+                w.addcmul_(q_prev, beta[:, j - 1, None].to(w.dtype), value=-1)
             alpha[:, j] = _dot(qj, w)
             w.addcmul_(qj, alpha[:, j, None].to(w.dtype), value=-1)
-            lo = max(0, j - 1)
-            Ql = _basis(Q, live, slice(lo, j + 1))
-            local = torch.bmm(Ql.conj(), w[:, :, None])  # (B, 2, 1)
-            w[:, None].baddbmm_(local.transpose(1, 2), Ql, alpha=-1)
-            alpha[:, j] += local[:, -1, 0].real.double()
+            c_cur = _rowdot(qj, w)
+            if j > 0:
+                w.addcmul_(q_prev, _rowdot(q_prev, w)[:, None], value=-1)
+            w.addcmul_(qj, c_cur[:, None], value=-1)
+            alpha[:, j] += c_cur.real.double()
             wn = torch.linalg.vector_norm(w, dim=1).double()
             anorm = torch.maximum(anorm, alpha[:, j].abs() + wn)
             # partial re-orthogonalisation: estimate the loss of orthogonality of q_{j+1} to the basis
@@ -931,7 +1009,7 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             need = force | trigger | tiny
             if bool(need.any()):
                 sub = torch.nonzero(need).flatten()
-                Qs, ws = _basis(Q, live, slice(0, j + 1), sub), w[sub]
+                Qs, ws = Q.gather(j + 1, sub), w[sub]
                 for _ in range(2):  # classical Gram-Schmidt, repeated where it removed much (DGKS)
                     coef = torch.bmm(Qs.conj(), ws[:, :, None])
                     ws[:, None].baddbmm_(coef.transpose(1, 2), Qs, alpha=-1)
@@ -967,8 +1045,8 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             stop = bool(done.all()) or steps >= max_iter
             if stop or j == m - 1:
                 if s is None:
-                    _, s = _tridiagonal_top(alpha, beta, k)
-                ritz, _ = _normalise(torch.einsum("bkn,bk->bn", _basis(Q, live, slice(0, k)), s.to(Q.dtype)))
+                    s = _tridiagonal_vector(alpha[:, :k], beta[:, : k - 1], theta)
+                ritz, _ = _normalise(Q.combine(s.to(w.dtype)))
                 if stop:
                     state.store(torch.arange(ritz.shape[0]), ritz)
                     return state, reorths
@@ -977,26 +1055,26 @@ def _lanczos(op, x, tol, max_iter, max_basis, upper, noise=0.0):
             if bool(done.any()) and state.op.restrictable:
                 # converged problems leave the batch (with their Ritz vectors); the others go on
                 # with their Krylov bases
-                ritz = torch.zeros_like(w)
                 dn = torch.nonzero(done).flatten()
-                Qd = _basis(Q, live, slice(0, k), dn)
-                sd = _tridiagonal_top(alpha[dn], beta[dn], k)[1] if s is None else s[dn]
-                ritz[dn], _ = _normalise(torch.einsum("bkn,bk->bn", Qd, sd.to(Q.dtype)))
+                if s is None:
+                    sd = _tridiagonal_vector(alpha[dn, :k], beta[dn, : k - 1], theta[dn])
+                else:
+                    sd = s[dn]
+                ritz, _ = _normalise(Q.combine(sd.to(w.dtype), dn.to(w.device)))
                 keep = state.retire(done, ritz)
-                live = (torch.arange(len(Q), device=Q.device) if live is None else live)[keep.to(Q.device)]
+                Q.keep(keep.to(w.device))
                 alpha, beta = alpha[keep], beta[keep]
                 omega, omega_prev = omega[keep], omega_prev[keep]
                 w, wn, invariant = w[keep], wn[keep], invariant[keep]
+                q_cur, q_prev = q_cur[keep], q_prev[keep] if q_prev is not None else None
                 anorm, force = anorm[keep], force[keep]
                 theta_prev, sk2_prev = theta_prev[keep], sk2_prev[keep]
                 hist.keep(keep)
                 up = None if up is None else up[keep]
             # breakdown for some problems: continue them with a zero vector (T decouples)
             scale_next = torch.where(invariant, torch.zeros_like(wn), 1 / wn.clamp_min(1e-300))
-            if live is None:
-                torch.mul(w, scale_next[:, None].to(w.dtype), out=Q[:, j + 1])
-            else:
-                Q[live, j + 1] = w * scale_next[:, None].to(w.dtype)
+            q_prev, q_cur = q_cur, w.mul_(scale_next[:, None].to(w.dtype))
+            Q.append(q_cur)
             j += 1
 
 

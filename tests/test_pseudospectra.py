@@ -48,6 +48,22 @@ def _dense(A: torch.Tensor, re, im) -> np.ndarray:
 # sigma_min on a grid
 
 
+def test_starts_from_neighbours_survive_crossings_of_the_nearest_eigenvalue():
+    # a real normal matrix with evenly spaced eigenvalues: between two grid points whose nearest
+    # eigenvalue differs, a neighbour's top vector is an exact eigenvector of the wrong eigenvalue
+    # (the coarse-to-fine starts carry a random part for this); every value must still be exact
+    lam = torch.linspace(-0.9, 0.9, 32, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    A = (Q * lam) @ Q.T
+    xs = np.linspace(-1.6, 1.6, 61)
+    e = ps.sigma_min_grid(A, xs, xs, tol=1e-9)
+    Z = torch.from_numpy(xs[None, :] + 1j * xs[:, None])
+    exact = (Z[..., None] - lam.to(torch.complex128)).abs().amin(-1)
+    assert bool(e.converged.all())
+    assert torch.allclose(e.value, exact, rtol=1e-8, atol=1e-13)
+
+
 def test_normal_matrix_sigma_min_is_the_distance_to_the_spectrum():
     lam = torch.tensor([0.9, -0.5 + 0.5j, 0.3j, -0.8 - 0.1j, 0.0], dtype=torch.complex128)
     A = _normal(lam, 0)
