@@ -23,6 +23,7 @@ from sensitivity_lib.krylov import (
     LinearOperator,
     NotConvergedWarning,
     _omega_step,
+    _tridiagonal_vector,
     linear_adjoint,
     solve,
     to_scipy,
@@ -442,3 +443,25 @@ def test_large_batches_take_the_secular_path_and_agree_with_lapack():
     assert torch.allclose(big.value, torch.cat([r.value for r in small]), rtol=1e-13)
     its = torch.cat([r.iterations for r in small])
     assert int((big.iterations - its).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6, 17, 40])
+def test_twisted_ritz_vectors_match_lapack(k):
+    # the Ritz vectors of retiring problems come from the twisted factorisation, not eigh: check
+    # them against LAPACK on random tridiagonals, some with tiny and some with exactly zero betas
+    # (decoupled blocks, whose components beyond the zero must vanish)
+    g = torch.Generator().manual_seed(k)
+    a = torch.randn(300, k, generator=g, dtype=torch.float64)
+    b = torch.randn(300, max(k - 1, 0), generator=g, dtype=torch.float64)
+    b[100:200] *= 10.0 ** torch.randint(-12, 0, b[100:200].shape, generator=g)
+    b[200:] *= torch.rand(b[200:].shape, generator=g) > 0.3
+    T = torch.diag_embed(a) + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+    evals, evecs = torch.linalg.eigh(T)
+    theta, top = evals[:, -1], evecs[:, :, -1]
+    x = _tridiagonal_vector(a, b, theta)
+    assert torch.allclose(x.norm(dim=1), torch.ones(300, dtype=torch.float64), atol=1e-14)
+    residual = (T @ x[:, :, None])[:, :, 0] - theta[:, None] * x
+    assert float(residual.norm(dim=1).max()) < 1e-12
+    gap = evals[:, -1] - (evals[:, -2] if k > 1 else evals[:, -1] - 1)
+    isolated = gap > 1e-6  # where the top eigenvector is determined, it is LAPACK's up to sign
+    assert float((1 - (x * top).sum(1).abs())[isolated].max()) < 1e-12
