@@ -824,7 +824,8 @@ class AvgPool(_Fixed):
         mine = Ah @ x[0, 0] @ Aw.T
         if mine.shape != ref.shape[-2:] or not torch.allclose(mine, ref[0, 0], rtol=1e-10, atol=1e-12):
             raise RuntimeError(f"average-pool model disagrees with PyTorch at {path!r}")
-        b.fixed(node, path, parent, norm, "avgpool")
+        step = b.fixed(node, path, parent, norm, "avgpool")
+        step.params.update(Ah=Ah, Aw=Aw)  # the map is Ah X Aw^T per channel (fusions read it)
 
 
 def interpolate_norm(

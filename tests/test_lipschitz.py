@@ -345,3 +345,31 @@ def test_errors_are_clear():
     with pytest.raises(NotImplementedError, match="padding_mode"):
         conv = nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect")
         L.lipschitz_bound(nn.Sequential(conv).eval(), (1, 5, 5))
+
+
+def test_a_replicating_pool_is_fused_into_the_linear_layer_after_it():
+    # torchvision's VGG and AlexNet on small inputs: an adaptive pool replicates a 1 x 1 feature
+    # map before the classifier. The pair contributes the exact ||W A|| (A the pool's matrix),
+    # never more than ||W|| ||A||, and the bound still holds on random pairs of inputs.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(0.5),
+        nn.Linear(36, 5),
+    ).double().eval()
+    b = L.lipschitz_bound(net, (2, 3, 3), cache=False)
+    assert b.extra["fused_pools"] == {"5": "2"}
+    assert b.extra["layers"]["2"] == 1.0
+    eye = torch.eye(4, dtype=torch.float64).reshape(4, 4, 1, 1)
+    A = torch.nn.functional.adaptive_avg_pool2d(eye, 3).reshape(4, 36).T  # (36, 4): the pool's map
+    W = net[5].weight.detach()
+    fused = float(torch.linalg.matrix_norm(W @ A, 2))
+    assert b.extra["layers"]["5"] == pytest.approx(fused, rel=1e-9)
+    assert fused <= float(torch.linalg.matrix_norm(W, 2)) * float(torch.linalg.matrix_norm(A, 2)) + 1e-12
+    assert b.extra["log2"] == pytest.approx(sum(math.log2(v) for v in b.extra["layers"].values()), rel=1e-12)
+    x, y = torch.rand(200, 2, 3, 3, dtype=torch.float64), torch.rand(200, 2, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ratio = (net(x) - net(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= b.value
+    # a pool that shrinks its input is left alone (nothing to gain)
+    shrink = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).double().eval()
+    assert L.lipschitz_bound(shrink, (2, 4, 4), cache=False).extra["fused_pools"] == {}

@@ -22,7 +22,11 @@ How it works
     the rules and their proofs are listed), and :func:`sensitivity_lib.graph.propagate` combines
     them: products along chains, sums at additions, root-sums-of-squares at concatenations, all in
     log2. The conv and linear layers (batch norms folded in) get their certified operator norm from
-    :func:`certified_layer_norm`. Anything the registry does not know raises
+    :func:`certified_layer_norm`. One pair is taken together: an average pool that enlarges its
+    input (an adaptive pool replicating a 1 x 1 feature map, as in torchvision's VGG and AlexNet on
+    small inputs) followed, through flattens and dropouts only, by a linear layer contributes the
+    exact norm ``||W A||`` of the composite instead of ``||W|| ||A||`` (tighter, and certified on
+    the pool's smaller input size). Anything the registry does not know raises
     ``NotImplementedError`` naming the operation and the module path.
 
 Example
@@ -39,6 +43,7 @@ Example
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import weakref
@@ -158,6 +163,49 @@ def certified_layer_norm(step: Step) -> Estimate:
     return _cached_layer_norm(step, "certified", _certified_norm)
 
 
+#: Steps between an average pool and a linear layer that leave the values as they are (the order
+#: of a channel-major flatten included).
+_PASS_THROUGH = frozenset({"flatten", "Flatten", "view", "reshape", "contiguous", "Dropout", "Identity",
+                           "dropout"})  # fmt: skip
+
+
+def _replicating_pools(plan) -> dict[int, tuple[int, Step]]:  # noqa: ANN001
+    """Linear layers fed by an average pool that *enlarges* its input (an adaptive pool replicating
+    a small feature map, e.g. 512 x 1 x 1 -> 512 x 7 x 7 before VGG's classifier), through
+    value-preserving steps only and with no other reader: linear step index -> (pool step index,
+    the linear step with the fused weight ``W A``, ``A`` the pool's matrix).
+
+    The composite's norm ``||W A||`` is exact for the two together and never above the product
+    ``||W|| ||A||`` the steps would contribute apart; it is also far cheaper to certify, since
+    ``W A`` has the pool's (smaller) input size: 4096 x 512 instead of 4096 x 25088 for VGG-19 on
+    32 x 32 digits (the Gram matrix of the latter took 34 s)."""
+    out: dict[int, tuple[int, Step]] = {}
+    for i, step in enumerate(plan.steps):
+        if step.op != "linear" or step.kind != "linear" or len(step.in_shape) != 1:
+            continue
+        j = step.inputs[0]
+        while plan.steps[j].op == "fixed" and plan.steps[j].kind in _PASS_THROUGH and plan.steps[j].users == 1:
+            j = plan.steps[j].inputs[0]
+        pool = plan.steps[j]
+        if pool.kind != "avgpool" or pool.users != 1 or "Ah" not in pool.params:
+            continue
+        C, H, W = pool.in_shape
+        _, h, w = pool.out_shape
+        if C * H * W >= C * h * w or step.in_shape[0] != C * h * w:
+            continue
+        Ah, Aw = pool.params["Ah"], pool.params["Aw"]
+        weight = step.params["weight"].detach().to(torch.float64)
+        fused = torch.einsum("ocij,ih,jw->ochw", weight.reshape(-1, C, h, w), Ah, Aw).reshape(-1, C * H * W)
+        module = nn.Linear(C * H * W, fused.shape[0], bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            module.weight.copy_(fused)
+        fused_step = dataclasses.replace(
+            step, module=module, params={**step.params, "weight": fused}, in_shape=(C * H * W,)
+        )
+        out[i] = (j, fused_step)
+    return out
+
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
@@ -200,10 +248,17 @@ def lipschitz_product(
     layers: dict[str, float] = {}
     layer_estimates: dict[str, Estimate] = {}
     folded: dict[str, str] = {}
+    fusions = _replicating_pools(plan)
+    absorbed = {pool for pool, _ in fusions.values()}
+    index = {id(st): i for i, st in enumerate(plan.steps)}
+    fused: dict[str, str] = {plan.steps[i].name: plan.steps[p].name for i, (p, _) in fusions.items()}
 
     def factor(step: Step) -> float:
-        if step.op == "linear":
-            est = norm_fn(step)
+        i = index[id(step)]
+        if i in absorbed:  # counted in the linear layer after it (the fused norm ||W A||)
+            val = 1.0
+        elif step.op == "linear":
+            est = norm_fn(fusions[i][1] if i in fusions else step)
             layer_estimates[step.name] = est
             val = float(est.value)
             if step.folded:
@@ -229,6 +284,7 @@ def lipschitz_product(
             "layers": layers,
             "layer_estimates": layer_estimates,
             "folded": folded,
+            "fused_pools": fused,
             "output": output,
             "input_shape": tuple(input_shape),
             "cumulative_log2": [(st.name, st.op, lg) for st, lg in zip(plan.steps, logs, strict=True)],
@@ -268,7 +324,9 @@ def lipschitz_bound(
         ``method="graph-product(fft)"``;
         ``extra["log2"]``: the bound in bits (float64), ``extra["layers"]``: module path -> constant
         of that operation, ``extra["layer_estimates"]``: the conv / linear norm estimates,
-        ``extra["folded"]``: conv path -> folded BN path; ``extra["cumulative_log2"]``: for every
+        ``extra["folded"]``: conv path -> folded BN path; ``extra["fused_pools"]``: linear path ->
+        the path of the replicating average pool before it whose map is folded into its weight
+        (the pair contributes ``||W A||``, the pool itself 1; see below); ``extra["cumulative_log2"]``: for every
         step of the graph in order, ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to
         that node.
 
