@@ -184,8 +184,8 @@ def _replicating_pools(plan) -> dict[int, tuple[int, Step]]:  # noqa: ANN001
         if step.op != "linear" or step.kind != "linear" or len(step.in_shape) != 1:
             continue
         j = step.inputs[0]
-        while plan.steps[j].op == "fixed" and plan.steps[j].kind in _PASS_THROUGH and plan.steps[j].users == 1:
-            j = plan.steps[j].inputs[0]
+        while (prev := plan.steps[j]).op == "fixed" and prev.kind in _PASS_THROUGH and prev.users == 1:
+            j = prev.inputs[0]
         pool = plan.steps[j]
         if pool.kind != "avgpool" or pool.users != 1 or "Ah" not in pool.params:
             continue
@@ -326,8 +326,8 @@ def lipschitz_bound(
         of that operation, ``extra["layer_estimates"]``: the conv / linear norm estimates,
         ``extra["folded"]``: conv path -> folded BN path; ``extra["fused_pools"]``: linear path ->
         the path of the replicating average pool before it whose map is folded into its weight
-        (the pair contributes ``||W A||``, the pool itself 1; see below); ``extra["cumulative_log2"]``: for every
-        step of the graph in order, ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to
+        (the pair contributes ``||W A||``, the pool itself 1; see the module docstring);
+        ``extra["cumulative_log2"]``: for every step of the graph in order, ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to
         that node.
 
     Raises
