@@ -327,8 +327,8 @@ def lipschitz_bound(
         ``extra["folded"]``: conv path -> folded BN path; ``extra["fused_pools"]``: linear path ->
         the path of the replicating average pool before it whose map is folded into its weight
         (the pair contributes ``||W A||``, the pool itself 1; see the module docstring);
-        ``extra["cumulative_log2"]``: for every step of the graph in order, ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to
-        that node.
+        ``extra["cumulative_log2"]``: for every step of the graph in order,
+        ``(name, op, log2 L_v)`` with ``L_v`` the bound from the input to that node.
 
     Raises
     ------
