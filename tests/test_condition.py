@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import dense_jacobians, dense_layer_norm, probs, random_nets, top_sv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,9 @@ from torch import nn
 
 from sensitivity_lib import condition as C
 from sensitivity_lib.condition import lipschitz as L
+from sensitivity_lib.graph import tangent_map
 from sensitivity_lib.precision import min_input_bits, round_float
+from sensitivity_lib.zoo import lenet5
 
 # ----------------------------------------------------------------------------------------------
 # E0 against the dense Jacobian, and the ordering E0 <= E2 <= E1
@@ -394,3 +397,41 @@ def test_componentwise_condition_matches_dense_jacobians_and_is_attained():
     assert torch.equal(e.extra["bits"], torch.ceil(torch.log2(need / margin)))
     with pytest.raises(ValueError, match="chunk"):
         C.componentwise_condition(net, x, chunk=0)
+
+
+class _Block(nn.Module):
+    """A residual block with batch norm, an in-place ReLU, squeeze-and-excitation (a product of two
+    input-dependent tensors) and a concatenation: the rules and the jvp fallback together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, padding=1)
+        self.se = nn.Linear(3, 3)
+        self.head = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        y = y + x
+        g = torch.sigmoid(self.se(y.mean((2, 3))))[:, :, None, None]
+        y = torch.cat([y * g, F.silu(y)], 1)
+        y = self.pool(y)
+        return self.head(y.view(y.size(0), -1) / 2.0)  # a size read from the input: no tangent
+
+
+def test_tangent_map_is_the_jacobian_product():
+    torch.manual_seed(0)
+    block = _Block().double().eval()
+    with torch.no_grad():
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+    cases = [(block, torch.randn(4, 3, 8, 8, dtype=torch.float64))]
+    net = lenet5().double().eval()
+    cases.append((net, torch.rand(3, *net.input_shape, dtype=torch.float64)))
+    for model, x in cases:
+        v = torch.randn_like(x)
+        ref = torch.func.jvp(lambda z, m=model: m(z), (x,), (v,))[1]
+        got = tangent_map(model, x)(v)
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12), type(model).__name__
