@@ -8,7 +8,8 @@ Models (224 x 224, ImageNet photos from foolbox, [0, 1] pixels):
 * LeNet5 (advertorch, MNIST 28 x 28) as a small model on which the untargeted CLEVER is run in full.
 
 Ours: :func:`sensitivity_lib.condition.local_condition` (Lanczos on ``J J^T`` in the 1000-dim
-output space, ``J v`` by reverse-over-reverse autograd, relative eigen-residual ``--tol``).
+output space, ``J v`` replayed on the traced graph (:func:`sensitivity_lib.graph.tangent_map`),
+``J^T u`` by reverse-mode autograd, relative accuracy ``--tol``).
 
 Baseline: ART's CLEVER (Weng et al. 2018) through :func:`sensitivity_lib.condition.clever_l2`,
 norm 2, with ``nb_batches``, ``batch_size``, ``pool_factor``, ``radius`` below. CLEVER estimates a
