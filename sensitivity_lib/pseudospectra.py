@@ -294,18 +294,12 @@ class _ShiftedTriangular:
         # alone is exact only for a perturbation of A of about this size (backward stability)
         self.floor = float(torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(T))
 
-    def _pair(self, b0: int) -> tuple[torch.Tensor, ...]:
-        """The entries ``a, b, c, d`` of the ``2 x 2`` diagonal block ``[[a, b], [c, d]]`` at ``b0``."""
-        return self.T[b0, b0], self.T[b0, b0 + 1], self.T[b0 + 1, b0], self.T[b0 + 1, b0 + 1]
-
     def _eigenvalues(self) -> torch.Tensor:
         lam = self.diag.to(torch.complex128).clone()
-        for b0, size in self.blocks:
-            if size == 2:
-                a, b, c, d = self._pair(b0)
-                mid = complex(a + d) / 2
-                root = complex((a - d) ** 2 / 4 + b * c) ** 0.5
-                lam[b0], lam[b0 + 1] = mid + root, mid - root
+        for b0, a, b, c, d in zip(self.pairs.tolist(), *self.pair_entries, strict=True):
+            mid = complex(a + d) / 2
+            root = complex((a - d) ** 2 / 4 + b * c) ** 0.5
+            lam[b0], lam[b0 + 1] = mid + root, mid - root
         return lam
 
     def _split(self, lo: int, hi: int) -> int:
@@ -402,15 +396,6 @@ class _ShiftedTriangular:
 
         visit(self.tree, 0)
         return steps
-
-    def gram_inverse(
-        self, dinv: torch.Tensor, v: torch.Tensor, dinvh: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``(zI - T)^-1 (zI - T)^-H v`` for complex rows ``v`` of shape ``(B, n)``."""
-        x = v.T.clone(memory_format=torch.contiguous_format)  # a copy even when v.T is contiguous
-        _run_steps(self._steps(x, self._adjoint_diagonal(dinv) if dinvh is None else dinvh, False))
-        _run_steps(self._steps(x, dinv, True))
-        return x.T
 
     def sigma_bound(self, diag: tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
         """An upper bound on ``sigma_min(z_b I - T)`` per shift from one pair of solves started at
